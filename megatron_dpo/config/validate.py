@@ -1,0 +1,145 @@
+"""Cross-field checks that need the world size or the model's shape.
+
+``resolve_layout`` turns the policy's parallel sizes plus WORLD_SIZE into one
+``ParallelLayout``, or raises a ``ConfigError`` stating the numbers and the fix
+(torchtitan style) before megatron-core gets to fail with a bare assert deep in
+model build or the pipeline schedule.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+from megatron_dpo.config.errors import ConfigError
+from megatron_dpo.config.schema import DPOConfig, PolicyConfig
+
+_TP_KEY = "policy.megatron_cfg.tensor_model_parallel_size"
+_PP_KEY = "policy.megatron_cfg.pipeline_model_parallel_size"
+_VPP_KEY = "policy.megatron_cfg.virtual_pipeline_model_parallel_size"
+_SP_KEY = "policy.megatron_cfg.sequence_parallel"
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    world_size: int
+    tp_size: int
+    pp_size: int
+    dp_size: int  # world_size // (tp_size * pp_size)
+    num_microbatches: int  # per training step per DP rank: global / (micro * dp)
+    vpp_size: Optional[int]  # model chunks per pipeline rank; None: no interleaving
+
+
+def resolve_layout(
+    policy_cfg: PolicyConfig,
+    world_size: int,
+    num_layers: int,
+    num_attention_heads: int,
+    num_query_groups: int,
+) -> ParallelLayout:
+    """Check the parallel sizes against the world and the model; derive DP and micro-batch count."""
+    megatron_cfg = policy_cfg.megatron_cfg
+    tp, pp = megatron_cfg.tensor_model_parallel_size, megatron_cfg.pipeline_model_parallel_size
+    vpp = megatron_cfg.virtual_pipeline_model_parallel_size
+    _check_world_size(world_size, tp, pp)
+    _check_tensor_parallel(tp, num_attention_heads, num_query_groups, megatron_cfg.sequence_parallel)
+    _check_pipeline_parallel(pp, vpp, num_layers)
+    dp = world_size // (tp * pp)
+    num_microbatches = _num_microbatches(
+        "policy.train_global_batch_size", policy_cfg.train_global_batch_size,
+        "policy.train_micro_batch_size", policy_cfg.train_micro_batch_size, dp,
+    )
+    layout = ParallelLayout(world_size, tp, pp, dp, num_microbatches, vpp)
+    _check_interleaved_microbatches(layout, num_microbatches, "policy.train_global_batch_size")
+    return layout
+
+
+def resolve_val_num_microbatches(dpo_cfg: DPOConfig, layout: ParallelLayout) -> int:
+    """Micro-batches per validation step per DP rank, checked like the training batch."""
+    num_microbatches = _num_microbatches(
+        "dpo.val_global_batch_size", dpo_cfg.val_global_batch_size,
+        "dpo.val_micro_batch_size", dpo_cfg.val_micro_batch_size, layout.dp_size,
+    )
+    _check_interleaved_microbatches(layout, num_microbatches, "dpo.val_global_batch_size")
+    return num_microbatches
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _join(values: List[int]) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def _check_world_size(world_size: int, tp: int, pp: int) -> None:
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"Invalid parallel layout: tensor_model_parallel_size({tp}) x "
+            f"pipeline_model_parallel_size({pp}) = {tp * pp} does not divide WORLD_SIZE({world_size}). "
+            f"Use a world size that is a multiple of {tp * pp}, or change {_TP_KEY} / {_PP_KEY}."
+        )
+
+
+def _check_tensor_parallel(tp: int, num_heads: int, num_query_groups: int, sequence_parallel: bool) -> None:
+    """Each TP rank holds whole attention heads and whole key/value groups."""
+    valid = _join(_divisors(math.gcd(num_heads, num_query_groups)))
+    for name, count in (("num_attention_heads", num_heads), ("num_query_groups", num_query_groups)):
+        if count % tp:
+            raise ConfigError(
+                f"Invalid tensor parallel size: {name}({count}) is not divisible by "
+                f"tensor_model_parallel_size({tp}). Set {_TP_KEY} to one of {valid} (divisors of both "
+                f"num_attention_heads({num_heads}) and num_query_groups({num_query_groups}))."
+            )
+    if sequence_parallel and tp == 1:
+        raise ConfigError(
+            f"Invalid parallel layout: sequence_parallel=true needs tensor_model_parallel_size > 1 "
+            f"(got 1). Set {_SP_KEY}=false, or raise {_TP_KEY}."
+        )
+
+
+def _check_pipeline_parallel(pp: int, vpp: Optional[int], num_layers: int) -> None:
+    """Each pipeline stage (and each virtual chunk of it) holds the same number of layers."""
+    if num_layers % pp:
+        raise ConfigError(
+            f"Invalid pipeline parallel size: num_layers({num_layers}) is not divisible by "
+            f"pipeline_model_parallel_size({pp}). Set {_PP_KEY} to one of {_join(_divisors(num_layers))}."
+        )
+    if vpp is None:
+        return
+    if pp == 1:
+        raise ConfigError(
+            f"Invalid parallel layout: virtual_pipeline_model_parallel_size({vpp}) needs "
+            f"pipeline_model_parallel_size > 1 (got 1). Set {_VPP_KEY}=null, or raise {_PP_KEY}."
+        )
+    if num_layers % (pp * vpp):
+        valid = _join([v for v in _divisors(num_layers // pp) if v > 1]) or "none"
+        raise ConfigError(
+            f"Invalid virtual pipeline size: num_layers({num_layers}) is not divisible by "
+            f"pipeline_model_parallel_size({pp}) x virtual_pipeline_model_parallel_size({vpp}) = "
+            f"{pp * vpp}. Set {_VPP_KEY} to one of: {valid}, or to null."
+        )
+
+
+def _num_microbatches(global_key: str, global_size: int, micro_key: str, micro_size: int, dp: int) -> int:
+    """Every DP rank runs the same number of whole micro-batches per step."""
+    per_step = micro_size * dp
+    if global_size % per_step:
+        lower, upper = (global_size // per_step) * per_step, (global_size // per_step + 1) * per_step
+        nearest = f"{lower} or {upper}" if lower else f"{upper}"
+        raise ConfigError(
+            f"Invalid batch size: {global_key}({global_size}) is not divisible by "
+            f"{micro_key}({micro_size}) x data-parallel size({dp}) = {per_step}. "
+            f"Set {global_key} to a multiple of {per_step} (nearest: {nearest}), or change {micro_key}."
+        )
+    return global_size // per_step
+
+
+def _check_interleaved_microbatches(layout: ParallelLayout, num_microbatches: int, global_key: str) -> None:
+    """megatron-core's interleaved schedule needs at least PP micro-batches per step."""
+    if layout.vpp_size is not None and num_microbatches < layout.pp_size:
+        raise ConfigError(
+            f"Invalid batch size for the interleaved pipeline: {global_key} gives {num_microbatches} "
+            f"micro-batches per DP rank, fewer than pipeline_model_parallel_size({layout.pp_size}). "
+            f"Raise {global_key} to at least {layout.pp_size} x micro batch size x "
+            f"data-parallel size({layout.dp_size}), or set {_VPP_KEY}=null."
+        )

@@ -1,0 +1,41 @@
+"""Model architecture description shared by presets, HF loading and build.
+
+One frozen dataclass holds every number that decides tensor shapes, so the
+config validator, the builder and the converters agree on them.
+"""
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class ModelArchitecture:
+    """A Llama-family decoder: RMSNorm, SwiGLU MLP, RoPE, GQA."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    vocab_size: int
+    max_position_embeddings: int = 4096
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = False
+    # Per-head dimension when it is not hidden_size / num_attention_heads.
+    kv_channels: Optional[int] = None
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    # Llama 3.x "llama3" RoPE frequency scaling factor; None means no scaling.
+    rope_scaling_factor: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelArchitecture":
+        return cls(**values)
+
+    def padded_vocab_size(self, tp_size: int) -> int:
+        """Vocab rounded up so each TP rank holds an equal slice (VocabParallelEmbedding)."""
+        return -(-self.vocab_size // tp_size) * tp_size

@@ -1,0 +1,153 @@
+"""Build this rank's GPTModel shards: TransformerConfig + layer spec + GPTModel.
+
+The builder only constructs modules; parallelism (DDP, optimizer, schedules)
+is applied outside, in ``train/``. The policy and the reference are built by
+the same function so that they share one parallel layout.
+"""
+
+import importlib.util
+from typing import List, Optional
+
+import torch
+
+from megatron_dpo.models.architecture import ModelArchitecture
+from megatron_dpo.parallel.init import ParallelContext, get_device
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def transformer_engine_available() -> bool:
+    """Use TE's fused kernels only where they can run: TE importable and CUDA present."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def layer_spec(arch: ModelArchitecture, use_te: bool):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"
+    )
+
+
+def transformer_config(
+    arch: ModelArchitecture,
+    ctx: ParallelContext,
+    precision: str,
+    sequence_parallel: bool = False,
+    activation_checkpointing: bool = False,
+):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = _DTYPES[precision]
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        add_bias_linear=False,
+        add_qkv_bias=arch.add_qkv_bias,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        # DPO compares policy and reference on the same inputs: no dropout, as in TRL.
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=ctx.tp_size,
+        pipeline_model_parallel_size=ctx.pp_size,
+        virtual_pipeline_model_parallel_size=ctx.vpp_size,
+        sequence_parallel=sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # The DPO loss is normalised by the number of pairs in the global batch:
+        # loss_func returns (sum over its pairs, its pair count) and megatron
+        # divides the gradients by the all-reduced count (finalize_model_grads).
+        calculate_per_token_loss=True,
+        # Interleaved PP with batched p2p gives wrong grads (Megatron-LM #750, #1450).
+        batch_p2p_comm=ctx.vpp_size is None,
+        overlap_p2p_comm=ctx.vpp_size is not None,
+        recompute_granularity="full" if activation_checkpointing else None,
+        recompute_method="uniform" if activation_checkpointing else None,
+        recompute_num_layers=1 if activation_checkpointing else None,
+        # Weights are overwritten by weights.init_weights or a checkpoint, but
+        # megatron only tags TP params (tensor_model_parallel, partition_dim),
+        # which DDP, grad clipping and sharding rely on, when it initialises them.
+        perform_initialization=True,
+    )
+
+
+def build_model(
+    arch: ModelArchitecture,
+    ctx: ParallelContext,
+    precision: str = "float32",
+    sequence_parallel: bool = False,
+    activation_checkpointing: bool = False,
+    trainable: bool = True,
+) -> List[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), on the run device.
+
+    bf16 models are wrapped in megatron's Float16Module, which casts inputs and
+    keeps the last stage's logits in fp32.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.module import Float16Module
+
+    config = transformer_config(arch, ctx, precision, sequence_parallel, activation_checkpointing)
+    spec = layer_spec(arch, transformer_engine_available())
+    num_chunks = ctx.vpp_size or 1
+    chunks = []
+    for vp_stage in range(num_chunks):
+        vp = vp_stage if ctx.vpp_size else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=arch.padded_vocab_size(ctx.tp_size),
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            parallel_output=True,
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(arch.rotary_base),
+            rope_scaling=arch.rope_scaling_factor is not None,
+            rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+            vp_stage=vp,
+        )
+        model.to(get_device())
+        if precision == "bfloat16":
+            model = Float16Module(config, model)
+        if not trainable:
+            model.requires_grad_(False)
+            model.eval()
+        chunks.append(model)
+    return chunks
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def layer_offset(model: torch.nn.Module) -> int:
+    """Global index of this chunk's first transformer layer."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    gpt = unwrap(model)
+    return get_transformer_layer_offset(gpt.config, vp_stage=gpt.vp_stage)
+
+
+def chunk_vp_stage(model: torch.nn.Module) -> Optional[int]:
+    return unwrap(model).vp_stage

@@ -1,0 +1,116 @@
+"""Process groups: the one place that starts torch.distributed and megatron-core's
+``parallel_state``, and the one place that picks the device and backend.
+
+Everything downstream receives a ``ParallelContext`` (ranks, sizes, groups)
+instead of reading globals; megatron-core's own schedules still consult its
+``parallel_state`` globals, which ``init_parallel`` sets up.
+"""
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_dpo.parallel import compat
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    rank: int
+    world_size: int
+    tp_size: int
+    tp_rank: int
+    pp_size: int
+    pp_rank: int
+    dp_size: int
+    dp_rank: int
+    vpp_size: Optional[int]
+    dp_group: object
+    tp_group: object
+    pp_group: object
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+
+def get_device() -> torch.device:
+    """The device this rank computes on. Nothing else in the project names one."""
+    if compat.cuda_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def backend() -> str:
+    return "nccl" if compat.cuda_available() else "gloo"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: int = 30) -> None:
+    """Start torch.distributed from torchrun's env, or as a world of one."""
+    compat.apply()
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # plain `python script.py`: a world of size 1
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if compat.cuda_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(
+        backend=backend(), timeout=datetime.timedelta(minutes=timeout_minutes)
+    )
+
+
+def init_parallel(tp_size: int, pp_size: int, vpp_size: Optional[int], seed: int) -> ParallelContext:
+    """Create megatron-core's TP/PP/DP groups and seed every rank's RNG streams."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    init_distributed()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp_size,
+        pipeline_model_parallel_size=pp_size,
+        virtual_pipeline_model_parallel_size=vpp_size,
+    )
+    # Same default stream on every rank (replicated weights and data order
+    # agree), a TP-rank-specific one inside megatron's RNG tracker.
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return ParallelContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        tp_size=tp_size,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_size=pp_size,
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        vpp_size=vpp_size,
+        dp_group=parallel_state.get_data_parallel_group(),
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        pp_group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,134 @@
+"""One DPO step through megatron-core's pipeline schedules.
+
+Per global batch (this DP rank's share, split in micro-batches of whole pairs):
+  1. reference pass: forward-only schedule over the frozen reference; the last
+     stage writes each micro-batch's per-sequence log-probs into the batch
+     dict (``reference_logps``);
+  2. policy pass: forward/backward schedule; ``loss_func`` turns policy and
+     reference log-probs into the preference loss.
+Both passes see the same micro-batches (composition, padding, layout), so at
+step 0, where policy == reference, the DPO loss is exactly ln 2.
+
+megatron-core contracts relied on here (0.16.1, ``schedules.forward_step``):
+- ``forward_step_func(data_iterator, model) -> (output, loss_func)``; on the
+  last stage ``output`` is the logits, [B, S, V_local] (GPTModel transposes
+  its [S, B, V] output when no labels are passed).
+- ``loss_func(output) -> (loss, count, metrics)``: with
+  ``config.calculate_per_token_loss`` (set in ``models.build``) the schedule
+  neither divides by the micro-batch count nor by ``count``; it sums ``count``
+  over micro-batches and ``finalize_model_grads`` all-reduces that sum over
+  DP and scales the gradients by its inverse. Returning (sum of per-pair losses,
+  number of pairs) therefore gives the gradient of the mean over all pairs of
+  the global batch, for any DP size and micro-batch count.
+- forward-only with ``collect_non_loss_data=True`` stores whatever
+  ``loss_func(output, non_loss_data=True)`` returns, per micro-batch.
+- p2p tensors are [seq_length, micro_batch_size (sequences), hidden]: every
+  micro-batch of a step is padded to one length.
+"""
+
+from functools import partial
+from typing import Dict, List
+
+import torch
+
+from megatron_dpo.config.schema import LossConfig
+from megatron_dpo.loss.objective import pair_terms
+from megatron_dpo.parallel.logprobs import sequence_logprobs, token_logprobs
+
+# Per-pair sums reduced over micro-batches, DP ranks and PP stages, in order.
+METRIC_SUMS = (
+    "loss", "preference_loss", "sft_loss", "chosen_reward", "rejected_reward",
+    "reward_margin", "accuracy", "chosen_logps", "rejected_logps",
+)
+
+
+def _forward_logits(batch: Dict[str, torch.Tensor], model: torch.nn.Module) -> torch.Tensor:
+    # Right padding + the causal mask: pad positions never influence real tokens.
+    return model(batch["tokens"], batch["position_ids"], attention_mask=None)
+
+
+def _batch_logprobs(batch, logits_BSV, vocab_size):
+    logps_B, num_tokens_B = sequence_logprobs(
+        token_logprobs(logits_BSV, batch["labels"], vocab_size), batch["loss_mask"]
+    )
+    return logps_B, num_tokens_B
+
+
+def _reference_loss_func(batch, vocab_size, logits_BSV, non_loss_data=True):
+    logps_B, _ = _batch_logprobs(batch, logits_BSV, vocab_size)
+    batch["reference_logps"] = logps_B.detach()
+    return logps_B.detach()
+
+
+def _policy_loss_func(batch, vocab_size, loss_cfg: LossConfig, logits_BSV):
+    logps_B, num_tokens_B = _batch_logprobs(batch, logits_BSV, vocab_size)
+    terms = pair_terms(logps_B, batch["reference_logps"], num_tokens_B, loss_cfg, batch.get("gt_rewards"))
+    num_pairs = terms.loss.shape[0]
+    per_pair = {
+        "loss": terms.loss,
+        "preference_loss": terms.preference_loss,
+        "sft_loss": terms.sft_loss,
+        "chosen_reward": terms.chosen_reward,
+        "rejected_reward": terms.rejected_reward,
+        "reward_margin": terms.chosen_reward - terms.rejected_reward,
+        "accuracy": (terms.chosen_reward > terms.rejected_reward).float(),
+        "chosen_logps": terms.chosen_logps,
+        "rejected_logps": terms.rejected_logps,
+    }
+    sums = torch.stack([per_pair[name].detach().sum() for name in METRIC_SUMS])
+    batch["pair_rewards"] = torch.stack([terms.chosen_reward, terms.rejected_reward], dim=-1).detach()
+    return terms.loss.sum(), torch.tensor(num_pairs, dtype=torch.int), sums
+
+
+def _data_iterators(microbatches: List[dict], num_chunks: int):
+    # With virtual pipeline stages every model chunk pulls its own iterator.
+    if num_chunks == 1:
+        return iter(microbatches)
+    return [iter(microbatches) for _ in range(num_chunks)]
+
+
+def _run(model_chunks, microbatches, seq_length, forward_only, loss_func_factory, collect_non_loss_data):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        return _forward_logits(batch, model), loss_func_factory(batch)
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=_data_iterators(microbatches, len(model_chunks)),
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=microbatches[0]["tokens"].shape[0],
+        forward_only=forward_only,
+        collect_non_loss_data=collect_non_loss_data,
+    )
+
+
+@torch.no_grad()
+def reference_pass(reference_chunks, microbatches: List[dict], seq_length: int, vocab_size: int) -> None:
+    """Fill ``batch["reference_logps"]`` ([2 x pairs]) on the last pipeline stage."""
+    _run(
+        reference_chunks, microbatches, seq_length, forward_only=True,
+        loss_func_factory=lambda batch: partial(_reference_loss_func, batch, vocab_size),
+        collect_non_loss_data=True,
+    )
+
+
+def policy_pass(
+    policy_chunks, microbatches: List[dict], seq_length: int, vocab_size: int,
+    loss_cfg: LossConfig, forward_only: bool = False,
+) -> torch.Tensor:
+    """Forward (and backward) of the policy. Returns this rank's metric sums
+    (``METRIC_SUMS`` order, plus the pair count last); zeros off the last stage."""
+    outputs = _run(
+        policy_chunks, microbatches, seq_length, forward_only=forward_only,
+        loss_func_factory=lambda batch: partial(_policy_loss_func, batch, vocab_size, loss_cfg),
+        collect_non_loss_data=False,
+    )
+    sums = torch.zeros(len(METRIC_SUMS) + 1, dtype=torch.float64)
+    for micro_sums, batch in zip(outputs, microbatches):
+        sums[:-1] += micro_sums.double().cpu()
+        sums[-1] += batch["tokens"].shape[0] // 2
+    return sums

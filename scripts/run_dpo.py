@@ -1,0 +1,13 @@
+"""Train a policy with DPO.
+
+    torchrun --nproc_per_node=N scripts/run_dpo.py --config configs/dpo.yaml key=value ...
+    python scripts/run_dpo.py ...          # a world of size 1
+"""
+
+import sys
+
+from megatron_dpo.cli import run_dpo
+
+# The guard matters: dist_checkpointing's writer re-imports the main module.
+if __name__ == "__main__":
+    sys.exit(run_dpo())

@@ -1,0 +1,246 @@
+"""Data pipeline: load_pairs errors, tokenization masks, sampler, collate, demo data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_dpo.config.schema import DataConfig
+from megatron_dpo.data import (
+    DataError, PairSampler, PreferencePair, TokenizedPair, build_dataset,
+    collate_microbatch, load_pairs, make_microbatches, step_seq_length, tokenize_pairs,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_TOKENIZER = ROOT / "megatron_dpo/models/presets/tiny_tokenizer"
+PAD, BOS, EOS = 0, 1, 2
+
+
+class PieceTokenizer:
+    """Greedy longest-match over a fixed piece list, prepending BOS like Llama.
+
+    "bc" is one piece, so "qb" + "c" merges across the prompt/completion boundary.
+    """
+
+    vocab = {"</s>": EOS, "q": 10, "a": 11, "b": 12, "c": 13, "bc": 20}
+    bos_token_id, eos_token_id = BOS, EOS
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [self._encode(t, add_special_tokens) for t in texts]}
+
+    def _encode(self, text, add_special_tokens):
+        ids = [BOS] if add_special_tokens else []
+        while text:
+            piece = max((p for p in self.vocab if text.startswith(p)), key=len)
+            ids.append(self.vocab[piece])
+            text = text[len(piece):]
+        return ids
+
+
+def tok(pairs, max_length=64, policy="truncate"):
+    return tokenize_pairs([PreferencePair(*p) for p in pairs], PieceTokenizer(), max_length, policy)
+
+
+# ---------------------------------------------------------------- tokenize
+def test_tokenize_marks_completion_with_one_eos():
+    # prompt "qa" -> [BOS, q, a]; "qab" + EOS, "qacc" + EOS.
+    result = tok([("qa", "b", "cc")])
+    assert result.pairs == [TokenizedPair([1, 10, 11, 12, 2], [1, 10, 11, 13, 13, 2], 3, 3)]
+    # A completion whose text already ends in EOS gets no second one.
+    assert tok([("qa", "b</s>", "c")]).pairs[0].chosen_ids == [1, 10, 11, 12, 2]
+
+
+def test_tokenize_common_prefix_counts_merged_token_as_completion():
+    # encode("qb") = [BOS, q, b] but encode("qbc") = [BOS, q, bc]: the merged
+    # token carries completion text, so the prompt is the common prefix (2).
+    pair = tok([("qb", "c", "a")]).pairs[0]
+    assert (pair.chosen_ids, pair.chosen_prompt_len) == ([1, 10, 20, 2], 2)
+    assert (pair.rejected_ids, pair.rejected_prompt_len) == ([1, 10, 12, 11, 2], 3)
+
+
+def test_truncate_cuts_prompt_start_keeping_bos_and_prompt_end():
+    # prompt [BOS q a a a a a] (7); chosen 9 tokens, rejected 10; both lose 4.
+    result = tok([("qaaaaa", "b", "cc")], max_length=6)
+    assert result.num_truncated == 1 and result.num_dropped == 0
+    assert result.pairs == [TokenizedPair([1, 11, 11, 12, 2], [1, 11, 11, 13, 13, 2], 3, 3)]
+
+
+def test_truncate_cuts_completion_end_when_prompt_is_gone():
+    pair = tok([("qaaaaa", "b", "cc")], max_length=3).pairs[0]
+    assert pair == TokenizedPair([1, 12, 2], [1, 13, 13], 1, 1)
+
+
+def test_drop_counts_and_all_dropped_error_names_the_key():
+    result = tok([("qa", "b", "c"), ("qaaaaa", "b", "cc")], max_length=9, policy="drop")
+    assert (len(result.pairs), result.num_dropped, result.num_truncated) == (1, 1, 0)
+    with pytest.raises(DataError, match=r"max_length=4.*policy\.max_total_sequence_length"):
+        tok([("qaaaaa", "b", "cc")], max_length=4, policy="drop")
+
+
+def test_unknown_overlength_policy():
+    with pytest.raises(DataError, match="data.overlength_policy"):
+        tok([("qa", "b", "c")], policy="clip")
+
+
+# ---------------------------------------------------------------- load_pairs
+def write(tmp_path, text, name="pairs.jsonl"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+GOOD = json.dumps({"prompt": "p", "chosen": "yes", "rejected": "no"})
+
+
+def test_load_pairs_skips_blank_lines_and_uses_configured_keys(tmp_path):
+    path = write(tmp_path, "\n" + GOOD + "\n\n" + json.dumps({"q": "p", "good": "a", "bad": "b"}) + "\n")
+    with pytest.raises(DataError, match=r"pairs\.jsonl:4: missing key 'prompt'"):
+        load_pairs(path, DataConfig())
+    path = write(tmp_path, json.dumps({"q": "p", "good": "a", "bad": "b"}) + "\n\n")
+    cfg = DataConfig(prompt_key="q", chosen_key="good", rejected_key="bad")
+    assert load_pairs(path, cfg) == [PreferencePair("p", "a", "b")]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "p", "chosen": "a"', r":2: not valid JSON \(Expecting"),
+    ('["p", "a", "b"]', r":2: expected a JSON object"),
+    ('{"prompt": "p", "chosen": "a"}', r":2: missing key 'rejected' \(keys present: \['chosen', 'prompt'\]\)"),
+    ('{"prompt": "p", "chosen": ["a"], "rejected": "b"}', r":2: key 'chosen' must be a string, got list"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "  "}', r":2: key 'rejected' is empty"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "a"}', r":2: 'chosen' and 'rejected' are identical"),
+])
+def test_load_pairs_errors_name_file_line_and_key(tmp_path, line, message):
+    path = write(tmp_path, GOOD + "\n" + line + "\n")
+    with pytest.raises(DataError, match=r"pairs\.jsonl" + message):
+        load_pairs(path, DataConfig())
+
+
+def test_load_pairs_missing_and_empty_file(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.jsonl' does not exist.*data\.train_data_path"):
+        load_pairs(str(tmp_path / "nope.jsonl"), DataConfig())
+    with pytest.raises(DataError, match=r"empty\.jsonl holds no preference pairs"):
+        load_pairs(write(tmp_path, "\n  \n", "empty.jsonl"), DataConfig())
+
+
+# ---------------------------------------------------------------- sampler
+def steps(sampler, num_epochs=1):
+    return [batch for _ in range(num_epochs) for batch in sampler]
+
+
+def test_sampler_file_order_drops_incomplete_batch():
+    sampler = PairSampler(10, 4, dp_rank=0, dp_size=1, shuffle=False, seed=0)
+    assert (sampler.steps_per_epoch, len(sampler), sampler.epoch) == (2, 2, 0)
+    assert steps(sampler, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
+    assert (sampler.epoch, sampler.consumed_pairs) == (2, 16)
+
+
+def test_sampler_shuffle_is_seeded_and_changes_per_epoch():
+    first = steps(PairSampler(40, 8, 0, 1, shuffle=True, seed=3), 2)
+    assert first == steps(PairSampler(40, 8, 0, 1, shuffle=True, seed=3), 2)
+    assert first != steps(PairSampler(40, 8, 0, 1, shuffle=True, seed=4), 2)
+    assert first[:5] != first[5:]
+    assert sorted(i for batch in first[:5] for i in batch) == list(range(40))
+
+
+@pytest.mark.parametrize("dp_size", [2, 4])
+def test_sampler_dp_ranks_union_is_the_global_batch(dp_size):
+    single = steps(PairSampler(50, 8, 0, 1, shuffle=True, seed=7), 2)
+    per_rank = [steps(PairSampler(50, 8, r, dp_size, shuffle=True, seed=7), 2) for r in range(dp_size)]
+    for step, batch in enumerate(single):
+        assert [i for rank in per_rank for i in rank[step]] == batch
+
+
+@pytest.mark.parametrize("resume_step", [1, 5, 6, 9])
+def test_sampler_resume_continues_the_uninterrupted_run(resume_step):
+    full = steps(PairSampler(50, 8, 1, 2, shuffle=True, seed=7), 3)  # 6 steps per epoch
+    resumed = PairSampler(50, 8, 1, 2, shuffle=True, seed=7, consumed_pairs=resume_step * 8)
+    assert resumed.epoch == resume_step // 6
+    assert steps(resumed, 3 - resumed.epoch) == full[resume_step:]
+
+
+def test_sampler_state_dict_roundtrip_and_mismatch():
+    sampler = PairSampler(50, 8, 0, 1, shuffle=True, seed=7)
+    next(iter(sampler))
+    restored = PairSampler(50, 8, 0, 2, shuffle=True, seed=7)
+    restored.load_state_dict(sampler.state_dict())
+    assert restored.consumed_pairs == 8 and len(restored) == 5
+    with pytest.raises(ValueError, match="checkpoint has seed=7, this run 8"):
+        PairSampler(50, 8, 0, 1, shuffle=True, seed=8).load_state_dict(sampler.state_dict())
+
+
+def test_sampler_errors():
+    with pytest.raises(DataError, match="3 pairs, fewer than one global batch"):
+        PairSampler(3, 4, 0, 1, shuffle=False, seed=0)
+    with pytest.raises(ValueError, match="not divisible by the data-parallel size 4"):
+        PairSampler(30, 6, 0, 4, shuffle=False, seed=0)
+    with pytest.raises(ValueError, match="multiple of the global batch size 4"):
+        PairSampler(30, 4, 0, 1, shuffle=False, seed=0, consumed_pairs=6)
+
+
+# ---------------------------------------------------------------- collate
+def test_collate_interleaves_pads_and_masks_completion_labels():
+    pair = TokenizedPair([1, 10, 11, 12, 2], [1, 10, 11, 13, 13, 2], 3, 3)
+    batch = collate_microbatch([pair], pad_id=PAD, seq_length=8)
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+        "tokens": ((2, 8), torch.long), "labels": ((2, 8), torch.long),
+        "loss_mask": ((2, 8), torch.float32), "position_ids": ((2, 8), torch.long)}
+    assert batch["tokens"].tolist() == [[1, 10, 11, 12, 2, 0, 0, 0], [1, 10, 11, 13, 13, 2, 0, 0]]
+    assert batch["labels"].tolist() == [[10, 11, 12, 2, 0, 0, 0, 0], [10, 11, 13, 13, 2, 0, 0, 0]]
+    # Scored labels: chosen "b" + EOS, rejected "c c" + EOS; never prompt or pad.
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0, 0, 0]]
+    assert batch["labels"][batch["loss_mask"].bool()].tolist() == [12, 2, 13, 13, 2]
+    assert batch["position_ids"][1].tolist() == list(range(8))
+
+
+def test_make_microbatches_share_one_step_length():
+    short = TokenizedPair([1, 10, 2], [1, 11, 2], 2, 2)
+    long = TokenizedPair([1] * 9 + [2], [1, 12, 2], 2, 2)
+    assert step_seq_length([short, long]) == 16 and step_seq_length([short], 4) == 4
+    micro = make_microbatches([short, long, short, short], micro_batch_size=2, pad_id=PAD)
+    assert [m["tokens"].shape for m in micro] == [(4, 16), (4, 16)]
+    assert micro[1]["tokens"][:, 3:].eq(PAD).all()
+    with pytest.raises(ValueError, match="do not split into micro-batches of 3"):
+        make_microbatches([short, long], micro_batch_size=3, pad_id=PAD)
+
+
+# ---------------------------------------------------------------- demo data + tiny tokenizer
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))
+
+
+def test_tiny_tokenizer_loads_offline():
+    code = ("from transformers import AutoTokenizer as A; t = A.from_pretrained(%r); "
+            "print(len(t), t.encode('hi')[0] == t.bos_token_id)" % str(TINY_TOKENIZER))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["768", "True"]
+
+
+def test_demo_data_tokenizes_short_with_chat_prompts(tiny_tokenizer):
+    t = tiny_tokenizer
+    assert (t.bos_token, t.eos_token, t.pad_token, t.unk_token) == ("<s>", "</s>", "<pad>", "<unk>")
+    for split, size in (("train", 600), ("val", 64)):
+        pairs = load_pairs(str(ROOT / f"data/demo/{split}.jsonl"), DataConfig())
+        result = build_dataset(str(ROOT / f"data/demo/{split}.jsonl"), DataConfig(), t, max_length=64)
+        assert len(result.pairs) == size and result.num_truncated == result.num_dropped == 0
+        for pair, tp in zip(pairs, result.pairs):
+            assert max(len(tp.chosen_ids), len(tp.rejected_ids)) < 64
+            assert tp.chosen_ids[0] == t.bos_token_id
+            assert t.decode(tp.chosen_ids[tp.chosen_prompt_len:]) == pair.chosen + "</s>"
+            assert t.decode(tp.rejected_ids[tp.rejected_prompt_len:]) == pair.rejected + "</s>"
+        question = pairs[0].prompt.split("\n")[1]
+        rendered = t.apply_chat_template([{"role": "user", "content": question}],
+                                         tokenize=False, add_generation_prompt=True)
+        assert rendered == pairs[0].prompt
+
+
+def test_demo_val_prompts_are_held_out():
+    def prompts(split):
+        return {p.prompt for p in load_pairs(str(ROOT / f"data/demo/{split}.jsonl"), DataConfig())}
+    assert not prompts("train") & prompts("val")
