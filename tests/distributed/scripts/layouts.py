@@ -1,0 +1,51 @@
+"""Train two steps of the tiny fp32 model under each parallel layout given on
+the command line (all at this launch's world size) and print the metrics as
+JSON lines on rank 0. A layout is ``name:key=value,key=value``."""
+
+import json
+import os
+import sys
+
+from megatron_dpo.config import load_config
+from megatron_dpo.data import PairSampler
+from megatron_dpo.parallel.init import shutdown
+from megatron_dpo.train.setup import setup_run
+from megatron_dpo.train.step import train_step
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+BASE = [
+    "policy.model_name=tiny-llama", "policy.precision=float32", "policy.max_total_sequence_length=64",
+    "policy.train_global_batch_size=16", "policy.train_micro_batch_size=4", "data.val_data_path=null",
+    "dpo.max_num_steps=2", "checkpointing.enabled=false",
+]
+KEYS = {
+    "tp": "policy.megatron_cfg.tensor_model_parallel_size",
+    "pp": "policy.megatron_cfg.pipeline_model_parallel_size",
+    "vpp": "policy.megatron_cfg.virtual_pipeline_model_parallel_size",
+    "mb": "policy.train_micro_batch_size",
+    "distopt": "policy.megatron_cfg.optimizer.use_distributed_optimizer",
+}
+
+
+def run_layout(spec: str) -> dict:
+    name, _, settings = spec.partition(":")
+    overrides = [f"{KEYS[k]}={v}" for k, v in (item.split("=") for item in settings.split(",") if item)]
+    cfg = load_config(os.path.join(REPO, "configs", "dpo.yaml"), BASE + overrides)
+    run = setup_run(cfg)
+    sampler = PairSampler(len(run.train_data.pairs), cfg.policy.train_global_batch_size,
+                          run.ctx.dp_rank, run.ctx.dp_size, shuffle=True, seed=cfg.dpo.seed)
+    batches = iter(sampler)
+    steps = [train_step(run, [run.train_data.pairs[i] for i in next(batches)]) for _ in range(2)]
+    return {"layout": name, "num_microbatches": run.layout.num_microbatches, "steps": steps}
+
+
+def main() -> None:
+    for spec in sys.argv[1:]:
+        result = run_layout(spec)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("LAYOUT " + json.dumps(result), flush=True)
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
