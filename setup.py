@@ -21,7 +21,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "wandb"],
         "wandb": ["wandb"],
         "gpu": ["transformer-engine[pytorch]"],
     },
