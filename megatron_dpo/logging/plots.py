@@ -28,7 +28,9 @@ class Panel:
 
 
 PANELS = (
-    Panel("Loss", ("loss", "preference_loss", "sft_loss"), "loss (nats)"),
+    Panel("Loss", ("loss", "preference_loss"), "loss (nats)"),
+    # Its own axis: a summed NLL is ~100x the preference loss and would flatten it.
+    Panel("SFT loss (NLL of chosen)", ("sft_loss",), "loss (nats)"),
     Panel("Rewards: chosen vs rejected", ("chosen_reward", "rejected_reward"), "reward (nats)"),
     Panel("Reward margin", ("reward_margin",), "chosen - rejected reward (nats)"),
     Panel("Accuracy", ("accuracy",), "pairs fraction"),
@@ -36,7 +38,6 @@ PANELS = (
     # The schedule is exact; smoothing would only blur warmup.
     Panel("Learning rate", ("lr",), "learning rate", smooth=False),
     Panel("Throughput", ("tokens_per_sec",), "tokens/s"),
-    Panel("Step time", ("step_time",), "seconds"),
 )
 
 

@@ -55,3 +55,25 @@ def test_run_dir_layout(demo_run):
     assert os.path.isfile(os.path.join(run_dir, "summary.json"))
     assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(os.path.join(run_dir, "logs")) for name in files)
     assert run_dir in result.stdout
+
+
+def test_plot_of_the_real_run_has_every_panel(demo_run, tmp_path):
+    from megatron_dpo.logging.plots import PANELS, plot_metrics
+
+    run_dir, _, _ = demo_run
+    assert os.path.getsize(os.path.join(run_dir, "metrics.png")) > 50_000  # written by the run itself
+    out_path, titles = plot_metrics(run_dir, str(tmp_path / "again.png"))
+    assert titles == [panel.title for panel in PANELS]
+    assert os.path.getsize(out_path) > 50_000
+
+
+def test_tensorboard_has_the_same_tags_as_metrics_jsonl(demo_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, records, _ = demo_run
+    jsonl_tags = {f"{r['split']}/{name}" for r in records for name in r if name not in ("step", "split")}
+    accumulator = EventAccumulator(os.path.join(run_dir, "logs"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    assert set(accumulator.Tags()["scalars"]) == jsonl_tags
+    steps = [event.step for event in accumulator.Scalars("train/preference_loss")]
+    assert steps == [r["step"] for r in records if r["split"] == "train"]

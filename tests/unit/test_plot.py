@@ -47,7 +47,7 @@ def test_render_writes_a_png_with_every_panel(tmp_path):
     assert data.startswith(PNG_MAGIC) and len(data) > 50_000
     assert titles == [panel.title for panel in PANELS]
     for expected in ("Loss", "Rewards: chosen vs rejected", "Reward margin", "Accuracy",
-                     "Grad norm (before clipping)", "Learning rate", "Throughput"):
+                     "SFT loss (NLL of chosen)", "Grad norm (before clipping)", "Learning rate", "Throughput"):
         assert expected in titles
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "metrics.png"]
 
