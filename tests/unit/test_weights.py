@@ -1,0 +1,61 @@
+"""Pure parts of layout-independent weight loading: canonical names (incl. the
+TE spec's fused-norm keys), TP slicing of fused tensors, seeded init."""
+
+import torch
+
+from megatron_dpo.models.architecture import ModelArchitecture
+from megatron_dpo.models.weights import canonical_name, random_full_tensor, tp_shard
+from megatron_dpo.parallel.init import ParallelContext
+
+ARCH = ModelArchitecture(num_layers=2, hidden_size=8, ffn_hidden_size=6, num_attention_heads=4,
+                         num_query_groups=2, vocab_size=11)
+
+
+def context(tp_rank: int, tp_size: int = 2) -> ParallelContext:
+    return ParallelContext(rank=tp_rank, world_size=tp_size, tp_size=tp_size, tp_rank=tp_rank, pp_size=1,
+                           pp_rank=0, dp_size=1, dp_rank=0, vpp_size=None, dp_group=None, tp_group=None, pp_group=None)
+
+
+def tp_param(shape, partition_dim: int) -> torch.Tensor:
+    param = torch.empty(shape)
+    param.tensor_model_parallel, param.partition_dim = True, partition_dim
+    return param
+
+
+def test_local_and_te_names_map_to_global_canonical_names():
+    assert canonical_name("decoder.layers.1.mlp.linear_fc1.weight", 2, False) == "decoder.layers.3.mlp.linear_fc1.weight"
+    assert canonical_name("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight", 1, False) == \
+        "decoder.layers.1.input_layernorm.weight"
+    assert canonical_name("decoder.layers.0.mlp.linear_fc1.layer_norm_weight", 0, False) == \
+        "decoder.layers.0.pre_mlp_layernorm.weight"
+    assert canonical_name("output_layer.weight", 0, True) == "embedding.word_embeddings.weight"
+    assert canonical_name("output_layer.weight", 0, False) == "output_layer.weight"
+
+
+def test_swiglu_fc1_shards_are_gate_slice_then_up_slice():
+    gate = torch.arange(12.0).reshape(6, 2)
+    up = 100 + torch.arange(12.0).reshape(6, 2)
+    full = torch.cat([gate, up])  # [gate; up], as a TP=1 model holds it
+    param = tp_param((6, 2), partition_dim=0)
+    rank1 = tp_shard("decoder.layers.0.mlp.linear_fc1.weight", full, param, context(1))
+    torch.testing.assert_close(rank1, torch.cat([gate[3:], up[3:]]))
+
+
+def test_row_parallel_shards_split_the_input_dim_and_replicated_params_are_whole():
+    full = torch.arange(24.0).reshape(4, 6)
+    rank0 = tp_shard("decoder.layers.0.mlp.linear_fc2.weight", full, tp_param((4, 3), 1), context(0))
+    torch.testing.assert_close(rank0, full[:, :3])
+    norm = torch.ones(4)
+    assert tp_shard("decoder.final_layernorm.weight", norm, torch.empty(4), context(1)) is norm
+
+
+def test_random_init_is_seeded_per_name_and_follows_megatron_defaults():
+    name = "decoder.layers.0.self_attention.linear_qkv.weight"
+    first, again = random_full_tensor(name, ARCH, seed=7), random_full_tensor(name, ARCH, seed=7)
+    torch.testing.assert_close(first, again)
+    assert first.shape == ((4 + 2 * 2) * 2, 8)  # (heads + 2 groups) x head_dim rows
+    assert not torch.equal(first, random_full_tensor(name, ARCH, seed=8))
+    assert not torch.equal(random_full_tensor("decoder.layers.1.self_attention.linear_qkv.weight", ARCH, seed=7), first)
+    assert torch.equal(random_full_tensor("decoder.final_layernorm.weight", ARCH, seed=7), torch.ones(8))
+    proj = random_full_tensor("decoder.layers.0.mlp.linear_fc2.weight", ARCH, seed=7)
+    assert proj.std() < first.std()  # output projections scaled by 1/sqrt(2 num_layers)
