@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+bash scripts/install_slurm.sh
 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -ra "$@"

@@ -6,14 +6,14 @@ at one TP/PP/VPP layout loads into any other (reshard on load).
 Layout of ``results/dpo/step_N/``::
 
     policy/            dist_checkpointing dir: {"model"|"model0".., "optimizer"}
-    train_state.json   step, epoch, consumed pairs, scheduler state
-    rng.pt             per-rank RNG states (tensors only: torch.load weights_only)
+    train_state.json   step, sampler position, scheduler, counters, fingerprints
+    rng_rank{R}.pt     per-rank RNG states (tensors only: torch.load weights_only)
     config.yaml        the resolved config of the run
     model_arch.json    the architecture (lets policy.model_name point here)
     tokenizer/         the tokenizer files
 """
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -51,3 +51,62 @@ def load_model_weights(chunks: List[torch.nn.Module], directory: str) -> None:
     loaded = dist_checkpointing.load(request, directory)
     for key, chunk in zip(request, chunks):
         _unwrap_ddp(chunk).load_state_dict(loaded[key])
+
+
+def load_policy(chunks: List[torch.nn.Module], optimizer, directory: str) -> None:
+    """Collective: load policy weights and optimizer state into this layout
+    (any TP/PP/DP; the optimizer state was saved fully reshardable)."""
+    from megatron.core import dist_checkpointing
+
+    (inner,) = optimizer.chained_optimizers  # a dense GPT model gets one megatron optimizer
+    torch_adam = _distributed_torch_adam(inner)
+    if torch_adam is not None:
+        _init_adam_state(torch_adam)
+    model_state = model_sharded_state_dict(chunks)
+    request = dict(model_state)
+    request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)
+    loaded = dist_checkpointing.load(request, directory)
+    for key, chunk in zip(model_state, chunks):
+        _unwrap_ddp(chunk).load_state_dict(loaded[key])
+    if torch_adam is None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    else:
+        _load_distributed_adam_state(inner, torch_adam, loaded["optimizer"])
+
+
+# megatron-core 0.16.1's DistributedOptimizer on plain torch Adam (no TE/apex
+# FusedAdam) cannot load its own checkpoint: (1) state_dict() asserts one
+# common per-param "step" (`assert len(steps) == 1`), which a fresh optimizer
+# without state lacks; (2) load_state_dict() puts "step" into every param's
+# state, then load_parameter_state_from_fully_reshardable() copies each state
+# key from the checkpoint, which has no per-param "step" (KeyError); (3) every
+# param gets the *same* step tensor, so each Adam step advances it once per
+# param and the bias correction goes wrong (resumed loss off by 4e-3 to 7e-2;
+# tests/e2e/test_resume.py, which runs this path, then fails).
+# Our load path: zero state before the request, then the param state loaded
+# with "step" set aside, then each param its own copy of the step.
+def _distributed_torch_adam(inner) -> Optional[torch.optim.Optimizer]:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if isinstance(inner, DistributedOptimizer) and isinstance(inner.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return inner.optimizer
+    return None
+
+
+def _init_adam_state(adam: torch.optim.Optimizer) -> None:
+    for group in adam.param_groups:
+        for param in group["params"]:
+            if not adam.state[param]:
+                adam.state[param].update(
+                    step=torch.tensor(0.0), exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param)
+                )
+
+
+def _load_distributed_adam_state(inner, adam: torch.optim.Optimizer, state: dict) -> None:
+    param_state = state.pop("param_state")
+    assert state.pop("param_state_sharding_type") == OPTIMIZER_METADATA["distrib_optim_sharding_type"]
+    inner.load_state_dict(state)  # param groups, and the step of every param
+    steps = {param: param_state_dict.pop("step") for param, param_state_dict in adam.state.items()}
+    inner.load_parameter_state_from_fully_reshardable(param_state)
+    for param, step in steps.items():
+        adam.state[param]["step"] = step.clone()

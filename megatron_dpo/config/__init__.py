@@ -13,6 +13,7 @@ from megatron_dpo.config.schema import (
     MegatronConfig,
     OptimizerConfig,
     PolicyConfig,
+    ReferenceConfig,
     SchedulerConfig,
     TokenizerConfig,
     WandbConfig,
@@ -22,6 +23,6 @@ from megatron_dpo.config.validate import ParallelLayout, resolve_layout, resolve
 __all__ = [
     "CHOICES", "CheckpointingConfig", "Config", "ConfigError", "DataConfig", "DPOConfig",
     "LoggerConfig", "LossConfig", "MegatronConfig", "OptimizerConfig", "ParallelLayout",
-    "PolicyConfig", "SchedulerConfig", "TokenizerConfig", "WandbConfig", "config_to_dict",
+    "PolicyConfig", "ReferenceConfig", "SchedulerConfig", "TokenizerConfig", "WandbConfig", "config_to_dict",
     "load_config", "resolve_layout", "resolve_val_num_microbatches", "save_config",
 ]

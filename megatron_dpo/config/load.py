@@ -38,6 +38,7 @@ _AT_LEAST_ONE = (
     "dpo.val_batches",
     "dpo.val_global_batch_size",
     "dpo.val_micro_batch_size",
+    "dpo.max_consecutive_nonfinite",
     "checkpointing.keep_top_k",
 )
 _NON_NEGATIVE = (
@@ -79,7 +80,22 @@ def load_config(path: Optional[str], overrides: Sequence[str]) -> Config:
         raise ConfigError(f"Could not resolve config key '{e.full_key}': {reason}") from None
     _check_choices(cfg)
     _check_ranges(cfg)
+    _check_checkpointing(cfg)
     return cfg
+
+
+def duration_seconds(text: str) -> int:
+    """Seconds of "HH:MM:SS" or "DD:HH:MM:SS" (NeMo RL's checkpoint_must_save_by)."""
+    parts = text.split(":")
+    if len(parts) not in (3, 4) or not all(part.isdigit() for part in parts):
+        raise ConfigError(
+            f"Invalid value for 'checkpointing.checkpoint_must_save_by': {text!r}. "
+            "Write the wall-clock budget as HH:MM:SS (e.g. 03:45:00) or DD:HH:MM:SS."
+        )
+    seconds = 0
+    for part, unit in zip(reversed(parts), (1, 60, 3600, 86400)):
+        seconds += int(part) * unit
+    return seconds
 
 
 def config_to_dict(cfg: Config) -> Dict[str, Any]:
@@ -167,6 +183,8 @@ def _merge(base: DictConfig, layer: DictConfig, source_of: Callable[[str], str])
 
 def _check_key(key: str, source: str, is_mapping: bool) -> None:
     keys = _schema_keys()
+    if _is_name_map(keys.get(key.rpartition(".")[0])):
+        return  # an entry of a {name: value} key, e.g. data.val_data_paths.<name>
     if key not in keys:
         raise ConfigError(f"Unknown config key '{key}' ({source}).{_suggestion(key, keys)}")
     is_section = dataclasses.is_dataclass(keys[key])
@@ -175,7 +193,7 @@ def _check_key(key: str, source: str, is_mapping: bool) -> None:
         raise ConfigError(
             f"'{key}' ({source}) is a section, not a value. Set its keys instead, e.g. {child}=..."
         )
-    if is_mapping and not is_section:
+    if is_mapping and not is_section and not _is_name_map(keys[key]):
         raise ConfigError(f"'{key}' ({source}) takes {_type_name(keys[key])}, not a mapping of keys.")
 
 
@@ -189,7 +207,13 @@ def _suggestion(key: str, keys: Dict[str, Any]) -> str:
     return f" Did you mean '{match[0]}'?" if match else " Valid keys are listed in configs/dpo.yaml."
 
 
+def _is_name_map(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is dict
+
+
 def _type_name(annotation: Any) -> str:
+    if _is_name_map(annotation):
+        return "a mapping of names to values ({name: value, ...})"
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) is typing.Union and len(args) == 1:
         return f"{_TYPE_NAMES.get(args[0], args[0])} or null"
@@ -223,4 +247,21 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(
             f"Invalid learning rates: policy.megatron_cfg.optimizer.min_lr({optimizer.min_lr}) > "
             f"lr({optimizer.lr}). Lower min_lr or raise lr."
+        )
+
+
+def _check_checkpointing(cfg: Config) -> None:
+    checkpointing = cfg.checkpointing
+    if checkpointing.checkpoint_must_save_by is not None:
+        duration_seconds(checkpointing.checkpoint_must_save_by)
+    if checkpointing.export_hf_dir is not None and not checkpointing.enabled:
+        raise ConfigError(
+            "checkpointing.export_hf_dir needs checkpointing.enabled=true (the export is converted from the "
+            "final checkpoint). Enable checkpointing, or set export_hf_dir=null."
+        )
+    metric = checkpointing.metric_name
+    if metric is not None and (metric.count(":") != 1 or metric.split(":")[0].split("/")[0] not in ("train", "val")):
+        raise ConfigError(
+            f"Invalid value for 'checkpointing.metric_name': {metric!r}. Name a split and a metric, "
+            "e.g. val:loss, val/<name>:accuracy or train:loss (or null to keep the newest checkpoints)."
         )

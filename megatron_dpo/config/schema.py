@@ -97,10 +97,22 @@ class DataConfig:
     prompt_key: str = "prompt"
     chosen_key: str = "chosen"
     rejected_key: str = "rejected"
+    # Named validation sets, {name: path}, each validated and logged as split
+    # "val/<name>" (beside val_data_path's "val").
+    val_data_paths: Dict[str, str] = field(default_factory=dict)
     # What to do with a pair longer than policy.max_total_sequence_length:
-    # "drop" (skip it, counted and logged) or "truncate" (cut the prompt's
-    # start, then the completions' ends).
+    # "drop" (skip it, counted and logged) or "truncate" (cut prompt tokens,
+    # then the completions' ends).
     overlength_policy: str = "truncate"
+    # Which part of a truncated prompt survives: keep_end (cut its start,
+    # after BOS) | keep_start (cut its end).
+    truncation_mode: str = "keep_end"
+    # Padding-free micro-batches: the pairs of a micro-batch back to back in
+    # one row, attention confined to each sequence (data/packing.py).
+    packing: bool = False
+    # Each pair as one packed segment [prompt, chosen, rejected]: the prompt is
+    # computed once for both completions (implies packing).
+    prefix_sharing: bool = False
 
 
 @dataclass
@@ -117,6 +129,9 @@ class DPOConfig:
     val_at_start: bool = True
     val_at_end: bool = True
     seed: int = 42
+    # A step whose loss or gradient norm is NaN/inf is skipped (no update,
+    # counted in the metric skipped_steps); this many in a row abort the run.
+    max_consecutive_nonfinite: int = 5
 
 
 @dataclass
@@ -125,8 +140,25 @@ class CheckpointingConfig:
     checkpoint_dir: str = "results/dpo"
     # Save every this many steps (and at the end); 0 saves only at the end.
     save_period: int = 50
-    # None keeps every checkpoint.
+    # None keeps every checkpoint. The newest one is always kept on top.
     keep_top_k: Optional[int] = None
+    # Which checkpoints keep_top_k keeps: "<split>:<metric>" recorded at the
+    # saved step (e.g. val:loss, train:accuracy); None keeps the newest.
+    metric_name: Optional[str] = None
+    higher_is_better: bool = False
+    # auto: continue from the newest complete step_N/ in checkpoint_dir;
+    # never: start fresh (an earlier run's files move to previous_run_*/);
+    # or the path of one step_N/ directory to continue from.
+    resume: str = "auto"
+    # Resume although the tokenizer or training data differ from the checkpoint's.
+    allow_config_change: bool = False
+    # Wall-clock budget "HH:MM:SS" (or NeMo RL's "DD:HH:MM:SS") from process
+    # start: save and exit 0 before it runs out. None: no budget.
+    checkpoint_must_save_by: Optional[str] = None
+    # At the end of training, write the final policy as a Hugging Face model
+    # directory here (safetensors + config + tokenizer; an earlier export is
+    # replaced). Needs enabled=true: it is converted from the final step_N/.
+    export_hf_dir: Optional[str] = None
 
 
 @dataclass
@@ -147,8 +179,19 @@ class LoggerConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    # online: a frozen reference model beside the policy, run every step;
+    # cached: its log-probs computed once per data set, stored and reused (no
+    # reference model during training); none: reference-free (log-probs 0).
+    mode: str = "online"
+    # Where cached log-probs live; None: <checkpointing.checkpoint_dir>/reference_cache.
+    cache_dir: Optional[str] = None
+
+
+@dataclass
 class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     loss_fn: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
@@ -169,4 +212,6 @@ CHOICES: Dict[str, tuple] = {
         "rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl",
     ),
     "data.overlength_policy": ("drop", "truncate"),
+    "data.truncation_mode": ("keep_end", "keep_start"),
+    "reference.mode": ("online", "cached", "none"),
 }

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from megatron_dpo.data.formats import DataError
+from megatron_dpo.data.errors import DataError
 
 
 class PairSampler:

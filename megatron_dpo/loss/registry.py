@@ -35,6 +35,9 @@ PREFERENCE_LOSSES: Dict[str, PreferenceLoss] = {
 # loss_fn.preference_average_log_probs says (TRL's ipo; see preference.ipo).
 ALWAYS_LENGTH_NORMALISED = frozenset({"ipo"})
 
+# Losses that need the data's ground-truth rewards (chosen_reward / rejected_reward).
+NEEDS_GT_REWARDS = frozenset({"rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl"})
+
 
 def get_preference_loss(name: str) -> PreferenceLoss:
     if name not in PREFERENCE_LOSSES:

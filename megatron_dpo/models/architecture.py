@@ -28,6 +28,16 @@ class ModelArchitecture:
     qk_layernorm: bool = False
     # Llama 3.x "llama3" RoPE frequency scaling factor; None means no scaling.
     rope_scaling_factor: Optional[float] = None
+    # Sliding-window attention span (Mistral, Qwen2); None: full attention.
+    # The model is built with full causal attention, which equals the window
+    # only for sequences no longer than it (models/source.py checks that).
+    sliding_window: Optional[int] = None
+    # The Hugging Face class it converts to and from (models/conversion/registry.py).
+    hf_architecture: str = "LlamaForCausalLM"
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     def to_dict(self) -> dict:
         return asdict(self)

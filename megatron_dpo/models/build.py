@@ -21,14 +21,20 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def layer_spec(arch: ModelArchitecture, use_te: bool):
+def layer_spec(arch: ModelArchitecture, use_te: bool, prefix_sharing: bool = False):
+    """TE's fused layers, or megatron's local ones, each with the core
+    attention that fits the batches (models/attention.py): SDPA on the local
+    spec always, and on the TE spec for prefix-shared batches."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    from megatron_dpo.models.attention import with_sdpa_attention
+
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+        return with_sdpa_attention(spec) if prefix_sharing else spec
+    return with_sdpa_attention(gpt_layer_specs.get_gpt_layer_local_spec(
         qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"
-    )
+    ))
 
 
 def transformer_config(
@@ -93,23 +99,26 @@ def build_model(
     sequence_parallel: bool = False,
     activation_checkpointing: bool = False,
     trainable: bool = True,
+    prefix_sharing: bool = False,
 ) -> List[torch.nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage), on the run device.
 
     bf16 models are wrapped in megatron's Float16Module, which casts inputs and
-    keeps the last stage's logits in fp32.
+    keeps the last stage's logits in fp32. ``prefix_sharing``: the model will
+    see prefix-shared packed batches (data.prefix_sharing).
     """
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.module import Float16Module
 
+    from megatron_dpo.models.attention import PositionedGPTModel
+
     config = transformer_config(arch, ctx, precision, sequence_parallel, activation_checkpointing)
-    spec = layer_spec(arch, transformer_engine_available())
+    spec = layer_spec(arch, transformer_engine_available(), prefix_sharing)
     num_chunks = ctx.vpp_size or 1
     chunks = []
     for vp_stage in range(num_chunks):
         vp = vp_stage if ctx.vpp_size else None
-        model = GPTModel(
+        model = PositionedGPTModel(
             config=config,
             transformer_layer_spec=spec,
             vocab_size=arch.padded_vocab_size(ctx.tp_size),

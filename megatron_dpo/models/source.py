@@ -4,7 +4,6 @@ architecture and tokenizer up front (config validation needs the shapes) and
 fills model shards from it later.
 """
 
-import glob
 import json
 import os
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from megatron_dpo.config.errors import ConfigError
 from megatron_dpo.config.schema import PolicyConfig
 from megatron_dpo.models import presets, weights
 from megatron_dpo.models.architecture import ModelArchitecture
-from megatron_dpo.models.conversion import llama
+from megatron_dpo.models.conversion import ConversionError, hf_io, llama, registry
 
 ARCH_FILE = "model_arch.json"
 
@@ -46,6 +45,12 @@ def _load_tokenizer(path: str, chat_template: Optional[str]):
 
 
 def resolve_source(policy_cfg: PolicyConfig) -> ModelSource:
+    source = _resolve(policy_cfg)
+    check_sequence_length(source.arch, policy_cfg.max_total_sequence_length)
+    return source
+
+
+def _resolve(policy_cfg: PolicyConfig) -> ModelSource:
     name = policy_cfg.model_name
     if presets.is_preset(name):
         tokenizer_path = policy_cfg.tokenizer.name or presets.TINY_TOKENIZER_DIR
@@ -56,12 +61,10 @@ def resolve_source(policy_cfg: PolicyConfig) -> ModelSource:
             arch = ModelArchitecture.from_dict(json.load(handle))
         tokenizer_path = policy_cfg.tokenizer.name or os.path.join(name, "tokenizer")
         return ModelSource("megatron", name, arch, tokenizer_path)
-    if os.path.isfile(os.path.join(name, "config.json")):
-        with open(os.path.join(name, "config.json")) as handle:
-            hf_config = json.load(handle)
+    if os.path.isfile(os.path.join(name, hf_io.CONFIG_FILE)):
         try:
-            arch = llama.architecture_from_hf_config(hf_config, os.path.join(name, "config.json"))
-        except ValueError as error:
+            arch = hf_architecture(name)
+        except ConversionError as error:
             raise ConfigError(f"policy.model_name: {error}") from error
         return ModelSource("hf", name, arch, policy_cfg.tokenizer.name or name)
     raise ConfigError(
@@ -71,29 +74,28 @@ def resolve_source(policy_cfg: PolicyConfig) -> ModelSource:
     )
 
 
+def hf_architecture(path: str) -> ModelArchitecture:
+    return registry.architecture_from_hf_config(hf_io.read_config(path), os.path.join(path, hf_io.CONFIG_FILE))
+
+
+def check_sequence_length(arch: ModelArchitecture, max_length: int) -> None:
+    """Full causal attention equals a sliding window only within the window."""
+    if arch.sliding_window is not None and max_length > arch.sliding_window:
+        raise ConfigError(
+            f"policy.max_total_sequence_length({max_length}) exceeds the model's sliding_window"
+            f"({arch.sliding_window}); megatron_dpo uses full attention, which matches sliding-window "
+            f"attention only up to the window. Set policy.max_total_sequence_length <= {arch.sliding_window}."
+        )
+
+
 def load_tokenizer(source: ModelSource, chat_template: Optional[str] = None):
     return _load_tokenizer(source.tokenizer_path, chat_template)
 
 
-def _hf_tensor_reader(path: str):
-    from safetensors import safe_open
-
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise ConfigError(f"No *.safetensors files in HF checkpoint directory '{path}' (policy.model_name).")
-    key_to_file = {}
-    for file in files:
-        with safe_open(file, framework="pt") as handle:
-            for key in handle.keys():
-                key_to_file[key] = file
-
-    def read(key: str) -> torch.Tensor:
-        if key not in key_to_file:
-            raise ValueError(f"HF checkpoint '{path}' has no tensor '{key}'")
-        with safe_open(key_to_file[key], framework="pt") as handle:
-            return handle.get_tensor(key).float()
-
-    return read
+def _load_hf_weights(chunks: List[torch.nn.Module], arch: ModelArchitecture, path: str, ctx) -> None:
+    checkpoint = hf_io.HFCheckpoint(path)
+    checkpoint.check_keys(llama.expected_hf_names(weights.canonical_names(arch)), arch.tie_word_embeddings)
+    weights.load_full_weights(chunks, arch, ctx, llama.canonical_from_hf(checkpoint.tensor, arch))
 
 
 def load_weights(chunks: List[torch.nn.Module], source: ModelSource, ctx, seed: int) -> None:
@@ -101,8 +103,7 @@ def load_weights(chunks: List[torch.nn.Module], source: ModelSource, ctx, seed: 
     if source.kind == "preset":
         weights.init_weights(chunks, source.arch, ctx, seed)
     elif source.kind == "hf":
-        reader = llama.canonical_from_hf(_hf_tensor_reader(source.path), source.arch)
-        weights.load_full_weights(chunks, source.arch, ctx, reader)
+        _load_hf_weights(chunks, source.arch, source.path, ctx)
     else:
         from megatron_dpo.checkpoint.dist import load_model_weights
 

@@ -98,7 +98,7 @@ def load_full_weights(
 
 def full_shape(name: str, arch: ModelArchitecture) -> Tuple[int, ...]:
     """Shape of the canonical full tensor ``name`` for this architecture."""
-    head_dim = arch.kv_channels or arch.hidden_size // arch.num_attention_heads
+    head_dim = arch.head_dim
     qkv_rows = (arch.num_attention_heads + 2 * arch.num_query_groups) * head_dim
     shapes = {
         "embedding.word_embeddings.weight": (arch.vocab_size, arch.hidden_size),
@@ -116,6 +116,24 @@ def full_shape(name: str, arch: ModelArchitecture) -> Tuple[int, ...]:
     }
     key = name.split(".", 3)[3] if name.startswith("decoder.layers.") else name
     return shapes[key]
+
+
+def canonical_names(arch: ModelArchitecture) -> List[str]:
+    """Every canonical tensor of the model, in order: embedding, layers, final norm, output."""
+    per_layer = [
+        "input_layernorm.weight", "self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
+        "pre_mlp_layernorm.weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight",
+    ]
+    if arch.add_qkv_bias:
+        per_layer.append("self_attention.linear_qkv.bias")
+    if arch.qk_layernorm:
+        per_layer += ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"]
+    names = ["embedding.word_embeddings.weight"]
+    names += [f"decoder.layers.{i}.{rest}" for i in range(arch.num_layers) for rest in per_layer]
+    names.append("decoder.final_layernorm.weight")
+    if not arch.tie_word_embeddings:
+        names.append("output_layer.weight")
+    return names
 
 
 def random_full_tensor(name: str, arch: ModelArchitecture, seed: int, std: float = 0.02) -> torch.Tensor:

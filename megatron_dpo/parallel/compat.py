@@ -83,6 +83,11 @@ def _tensor_type(original):
 
 
 def _patch_torch_for_cpu() -> None:
+    # `with torch.device(...)` intercepts the factories it cached on first use;
+    # fill that cache with the originals, or wrapped factories escape it.
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in _FACTORIES:
         setattr(torch, name, _redirect_device_kwarg(getattr(torch, name)))
     torch.Tensor.cuda = lambda self, *args, **kwargs: self

@@ -80,13 +80,16 @@ def init_parallel(tp_size: int, pp_size: int, vpp_size: Optional[int], seed: int
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     init_distributed()
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp_size,
-        pipeline_model_parallel_size=pp_size,
-        virtual_pipeline_model_parallel_size=vpp_size,
-    )
+    # Already set up with these sizes: keep the groups, which models built
+    # before still use (scripts/benchmark.py holds several runs at once).
+    if not _initialized_as(tp_size, pp_size, vpp_size):
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp_size,
+            pipeline_model_parallel_size=pp_size,
+            virtual_pipeline_model_parallel_size=vpp_size,
+        )
     # Same default stream on every rank (replicated weights and data order
     # agree), a TP-rank-specific one inside megatron's RNG tracker.
     torch.manual_seed(seed)
@@ -105,6 +108,15 @@ def init_parallel(tp_size: int, pp_size: int, vpp_size: Optional[int], seed: int
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         pp_group=parallel_state.get_pipeline_model_parallel_group(),
     )
+
+
+def _initialized_as(tp_size: int, pp_size: int, vpp_size: Optional[int]) -> bool:
+    from megatron.core import parallel_state
+
+    return (parallel_state.model_parallel_is_initialized()
+            and parallel_state.get_tensor_model_parallel_world_size() == tp_size
+            and parallel_state.get_pipeline_model_parallel_world_size() == pp_size
+            and parallel_state.get_virtual_pipeline_model_parallel_world_size() == vpp_size)
 
 
 def shutdown() -> None:

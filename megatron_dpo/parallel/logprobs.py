@@ -39,3 +39,14 @@ def sequence_logprobs(token_logprobs_BS: torch.Tensor, loss_mask_BS: torch.Tenso
     logps_B = (token_logprobs_BS * loss_mask_BS).sum(dim=-1)
     num_tokens_B = loss_mask_BS.sum(dim=-1)
     return logps_B, num_tokens_B
+
+
+def packed_sequence_logprobs(token_logprobs_BS: torch.Tensor, loss_mask_BS: torch.Tensor,
+                             sequence_ids_BS: torch.Tensor, num_sequences: int):
+    """``sequence_logprobs`` for packed rows, where ``sequence_ids`` names the
+    sequence each position is scored for: ([num_sequences], [num_sequences])."""
+    sequence_ids = sequence_ids_BS.reshape(-1)
+    zeros = token_logprobs_BS.new_zeros(num_sequences)
+    logps_N = zeros.index_add(0, sequence_ids, (token_logprobs_BS * loss_mask_BS).reshape(-1))
+    num_tokens_N = zeros.index_add(0, sequence_ids, loss_mask_BS.reshape(-1).to(zeros.dtype))
+    return logps_N, num_tokens_N

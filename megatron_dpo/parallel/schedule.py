@@ -23,7 +23,10 @@ megatron-core contracts relied on here (0.16.1, ``schedules.forward_step``):
 - forward-only with ``collect_non_loss_data=True`` stores whatever
   ``loss_func(output, non_loss_data=True)`` returns, per micro-batch.
 - p2p tensors are [seq_length, micro_batch_size (sequences), hidden]: every
-  micro-batch of a step is padded to one length.
+  micro-batch of a step is padded to one length (a packed micro-batch is one
+  row: [T, 1, hidden]).
+- ``packed_seq_params`` given to ``GPTModel.forward`` reaches every layer's
+  core attention (models/attention.py) on every pipeline stage.
 """
 
 from functools import partial
@@ -33,7 +36,8 @@ import torch
 
 from megatron_dpo.config.schema import LossConfig
 from megatron_dpo.loss.objective import pair_terms
-from megatron_dpo.parallel.logprobs import sequence_logprobs, token_logprobs
+from megatron_dpo.models.build import transformer_engine_available
+from megatron_dpo.parallel.logprobs import packed_sequence_logprobs, sequence_logprobs, token_logprobs
 
 # Per-pair sums reduced over micro-batches, DP ranks and PP stages, in order.
 METRIC_SUMS = (
@@ -43,15 +47,23 @@ METRIC_SUMS = (
 
 
 def _forward_logits(batch: Dict[str, torch.Tensor], model: torch.nn.Module) -> torch.Tensor:
-    # Right padding + the causal mask: pad positions never influence real tokens.
-    return model(batch["tokens"], batch["position_ids"], attention_mask=None)
+    if "cu_seqlens" not in batch:
+        # Right padding + the causal mask: pad positions never influence real tokens.
+        return model(batch["tokens"], batch["position_ids"], attention_mask=None)
+    from megatron_dpo.models.attention import packed_seq_params
+
+    # A packed row: attention stays within each segment (data/packing.py).
+    params = packed_seq_params(batch, te_attention=transformer_engine_available())
+    return model(batch["tokens"], batch["position_ids"], attention_mask=None, packed_seq_params=params)
 
 
 def _batch_logprobs(batch, logits_BSV, vocab_size):
-    logps_B, num_tokens_B = sequence_logprobs(
-        token_logprobs(logits_BSV, batch["labels"], vocab_size), batch["loss_mask"]
-    )
-    return logps_B, num_tokens_B
+    """Per-sequence summed log-probs and scored-token counts: ([N], [N])."""
+    token_logps_BS = token_logprobs(logits_BSV, batch["labels"], vocab_size)
+    if "sequence_ids" in batch:
+        return packed_sequence_logprobs(token_logps_BS, batch["loss_mask"], batch["sequence_ids"],
+                                        batch["num_sequences"])
+    return sequence_logprobs(token_logps_BS, batch["loss_mask"])
 
 
 def _reference_loss_func(batch, vocab_size, logits_BSV, non_loss_data=True):
@@ -75,7 +87,8 @@ def _policy_loss_func(batch, vocab_size, loss_cfg: LossConfig, logits_BSV):
         "chosen_logps": terms.chosen_logps,
         "rejected_logps": terms.rejected_logps,
     }
-    sums = torch.stack([per_pair[name].detach().sum() for name in METRIC_SUMS])
+    # METRIC_SUMS, then the pair count (a packed batch's rows are not its sequences).
+    sums = torch.stack([per_pair[name].detach().sum() for name in METRIC_SUMS] + [terms.loss.new_tensor(num_pairs)])
     batch["pair_rewards"] = torch.stack([terms.chosen_reward, terms.rejected_reward], dim=-1).detach()
     return terms.loss.sum(), torch.tensor(num_pairs, dtype=torch.int), sums
 
@@ -128,7 +141,6 @@ def policy_pass(
         collect_non_loss_data=False,
     )
     sums = torch.zeros(len(METRIC_SUMS) + 1, dtype=torch.float64)
-    for micro_sums, batch in zip(outputs, microbatches):
-        sums[:-1] += micro_sums.double().cpu()
-        sums[-1] += batch["tokens"].shape[0] // 2
+    for micro_sums in outputs:
+        sums += micro_sums.double().cpu()
     return sums

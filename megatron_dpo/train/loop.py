@@ -3,6 +3,12 @@
 The run directory is ``checkpointing.checkpoint_dir`` (default
 ``results/dpo``): it holds ``config.yaml``, ``metrics.jsonl``, ``metrics.png``,
 ``summary.json``, the ``step_N/`` checkpoints and ``logger.log_dir``.
+
+A run whose run directory holds a checkpoint continues from it (see
+train/resume.py). SIGTERM / SIGUSR1 or the ``checkpointing.checkpoint_must_save_by``
+budget make every rank finish the step, save and return (see train/signals.py).
+A step with a non-finite loss or gradient norm is skipped; too many in a row
+abort (``dpo.max_consecutive_nonfinite``).
 """
 
 import logging
@@ -10,12 +16,18 @@ import os
 import time
 from typing import Dict, Optional
 
-from megatron_dpo.checkpoint.save import prune_checkpoints, save_checkpoint
+from megatron_dpo.checkpoint.fingerprint import data_fingerprint, tokenizer_fingerprint
+from megatron_dpo.checkpoint.hf_export import check_export_dir, megatron_to_hf
+from megatron_dpo.checkpoint.save import is_complete, prune_checkpoints, save_checkpoint, step_dir
 from megatron_dpo.config.load import config_to_dict, save_config
 from megatron_dpo.config.schema import Config
 from megatron_dpo.data import PairSampler
 from megatron_dpo.logging import MetricsLogger, Progress, format_val_line, print_summary, print_val_samples, write_summary
+from megatron_dpo.logging.files import json_safe
+from megatron_dpo.train.errors import NonFiniteError
+from megatron_dpo.train.resume import TrainState, checkpoint_state, prepare_run_dir, restore
 from megatron_dpo.train.setup import Run, setup_run
+from megatron_dpo.train.signals import StopRequests
 from megatron_dpo.train.step import train_step
 from megatron_dpo.train.validation import validate
 
@@ -23,45 +35,101 @@ logger = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, stop_requests: StopRequests):
         self.run = run
         self.cfg = run.cfg
         self.run_dir = run.cfg.checkpointing.checkpoint_dir
         self.is_rank0 = run.ctx.is_rank0
-        self.step = 0
         self.sampler = PairSampler(
             len(run.train_data.pairs), run.cfg.policy.train_global_batch_size, run.ctx.dp_rank,
             run.ctx.dp_size, run.cfg.data.shuffle, run.cfg.dpo.seed,
         )
-        self.metrics_logger = MetricsLogger(self.run_dir, run.cfg.logger, self.is_rank0, config_to_dict(run.cfg))
         self.progress: Optional[Progress] = None
-        self.val_history = []
-        self.last_saved_step: Optional[int] = None
+        self.fingerprints = {"tokenizer": tokenizer_fingerprint(run.tokenizer),
+                             "data": data_fingerprint(run.train_data.pairs)}
+        resume_dir = prepare_run_dir(run.cfg, self.is_rank0)
+        self.resumed = resume_dir is not None
+        self.state = restore(run, resume_dir, self.sampler, self.fingerprints) if self.resumed else TrainState()
+        if self.resumed:
+            self._write(f"resumed from {resume_dir} (step {self.step}, {self.sampler.consumed_pairs} pairs seen)")
+        if self.is_rank0:
+            save_config(run.cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.metrics_logger = MetricsLogger(
+            self.run_dir, run.cfg.logger, self.is_rank0, config_to_dict(run.cfg),
+            resume_step=self.step if self.resumed else None,
+        )
+        already_saved = self.resumed and is_complete(step_dir(self.run_dir, self.step))
+        self.last_saved_step: Optional[int] = self.step if already_saved else None
+        # "<split>:<metric>" -> value at the current step, for checkpoint retention.
+        self.step_metrics: Dict[str, float] = {}
+        self.stop_requests = stop_requests
+        self.max_iteration_seconds = 0.0
+        self.max_save_seconds = 0.0
         self.start_time = time.perf_counter()
         self.total_tokens = 0.0
+        if run.cfg.checkpointing.export_hf_dir is not None:  # refuse a bad target before training
+            check_export_dir(run.cfg.checkpointing.export_hf_dir)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
 
     # -- pieces --------------------------------------------------------------
     def _validate(self) -> None:
-        if self.run.val_data is None:
-            return
         num_samples = self.cfg.logger.num_val_samples_to_print
-        metrics, samples = validate(self.run, num_samples)
-        self.metrics_logger.log(self.step, "val", metrics)
-        self.val_history.append(dict(metrics, step=self.step))
-        if self.is_rank0:
-            self._write(format_val_line(self.step, metrics))
-            if samples and self.run.ctx.dp_rank == 0:
-                print_val_samples(samples, num_samples)
+        for index, split in enumerate(self.run.val_data):
+            metrics, samples = validate(self.run, split, num_samples)
+            self._log(split, metrics)
+            if index == 0:  # the first validation set gives the summary's numbers
+                self.state.val_history.append(dict(metrics, step=self.step))
+            if self.is_rank0:
+                self._write(format_val_line(self.step, metrics, split))
+                if samples and self.run.ctx.dp_rank == 0:
+                    print_val_samples(samples, num_samples)
+        if self.is_rank0 and self.run.val_data:
             self._plot()
+
+    def _log(self, split: str, metrics: Dict[str, float]) -> None:
+        if split == "train":
+            self.step_metrics = {}
+        self.step_metrics.update({f"{split}:{name}": value for name, value in metrics.items()})
+        self.metrics_logger.log(self.step, split, metrics)
 
     def _save(self) -> None:
         if not self.cfg.checkpointing.enabled or self.last_saved_step == self.step:
             return
-        state = {"step": self.step, "epoch": self.sampler.epoch, "consumed_pairs": self.sampler.consumed_pairs}
+        start = time.perf_counter()
+        state = checkpoint_state(self.run, self.state, self.sampler, self.fingerprints, json_safe(self.step_metrics))
         path = save_checkpoint(self.run, self.step, state)
-        prune_checkpoints(self.run, self.cfg.checkpointing.keep_top_k)
+        if self.is_rank0:
+            prune_checkpoints(self.cfg.checkpointing)
         self.last_saved_step = self.step
+        self.max_save_seconds = max(self.max_save_seconds, time.perf_counter() - start)
         self._write(f"saved checkpoint {path}")
+
+    def _count_skipped(self, metrics: Dict[str, float]) -> None:
+        state = self.state
+        if metrics.pop("update_skipped"):
+            state.skipped_steps += 1
+            state.consecutive_nonfinite += 1
+            self._write(f"step {self.step}: loss {metrics['loss']}, grad norm {metrics['grad_norm']}: update skipped")
+        else:
+            state.consecutive_nonfinite = 0
+        metrics["skipped_steps"] = state.skipped_steps
+
+    def _abort_if_diverged(self) -> None:
+        limit = self.cfg.dpo.max_consecutive_nonfinite
+        if self.state.consecutive_nonfinite >= limit:
+            raise NonFiniteError(
+                f"{limit} consecutive steps (up to step {self.step}) had a non-finite loss or gradient norm "
+                f"(dpo.max_consecutive_nonfinite={limit}); the run diverged. Resume from the last checkpoint "
+                "with a lower policy.megatron_cfg.optimizer.lr, policy.precision=float32, or check the data."
+            )
+
+    def _stop_reason(self, iteration_start: float) -> Optional[str]:
+        """Collective: whether every rank stops now (signal or time budget)."""
+        self.max_iteration_seconds = max(self.max_iteration_seconds, time.perf_counter() - iteration_start)
+        return self.stop_requests.agreed_reason(self.max_iteration_seconds + self.max_save_seconds)
 
     def _write(self, line: str) -> None:
         if not self.is_rank0:
@@ -88,27 +156,36 @@ class Trainer:
     def fit(self) -> Dict[str, object]:
         run, dpo = self.run, self.cfg.dpo
         self._announce()
-        if dpo.val_at_start:
+        if dpo.val_at_start and not self.resumed:
             self._validate()
         self.progress = Progress(run.total_steps, self.is_rank0, initial=self.step)
-        while self.step < run.total_steps:
+        stop_reason = None
+        while self.step < run.total_steps and stop_reason is None:
             for indices in self.sampler:
+                iteration_start = time.perf_counter()
                 metrics = train_step(run, [run.train_data.pairs[i] for i in indices])
-                self.step += 1
+                self.state.step += 1
                 self.total_tokens += metrics["num_tokens"]
-                self.metrics_logger.log(self.step, "train", metrics)
+                self._count_skipped(metrics)
+                self._log("train", metrics)
                 self.progress.update(metrics)
+                self._abort_if_diverged()
                 if self._periodic(dpo.val_period):
                     self._validate()
                 if self._periodic(self.cfg.checkpointing.save_period):
                     self._save()
-                if self.step >= run.total_steps:
+                stop_reason = self._stop_reason(iteration_start)
+                if self.step >= run.total_steps or stop_reason is not None:
                     break
         self.progress.close()
-        if dpo.val_at_end and not self._periodic(dpo.val_period):
+        self.progress = None  # a closed bar prints nothing: later lines go to stdout
+        if stop_reason is not None:
+            self._write(f"stopping after step {self.step} of {run.total_steps}: {stop_reason}")
+        elif dpo.val_at_end and not self._periodic(dpo.val_period):
             self._validate()
         self._save()
-        return self._finish()
+        hf_export = self._export_hf() if stop_reason is None else None
+        return self._finish(stop_reason, hf_export)
 
     def _announce(self) -> None:
         run = self.run
@@ -118,15 +195,26 @@ class Trainer:
             f" x DP {run.layout.dp_size}; {len(train.pairs)} train pairs, {run.total_steps} steps of "
             f"{self.cfg.policy.train_global_batch_size} pairs ({run.layout.num_microbatches} micro-batches per rank)"
         )
-        for name, data in (("train", train), ("val", run.val_data)):
-            if data is not None and (data.num_dropped or data.num_truncated):
+        for name, data in {"train": train, **run.val_data}.items():
+            if data.num_dropped or data.num_truncated:
                 self._write(
                     f"{name} data: {data.num_dropped} pairs dropped and {data.num_truncated} truncated to "
                     f"policy.max_total_sequence_length={self.cfg.policy.max_total_sequence_length} "
-                    f"(data.overlength_policy={self.cfg.data.overlength_policy})"
+                    f"(data.overlength_policy={self.cfg.data.overlength_policy}, "
+                    f"data.truncation_mode={self.cfg.data.truncation_mode})"
                 )
 
-    def _finish(self) -> Dict[str, object]:
+    def _export_hf(self) -> Optional[str]:
+        """Collective: the final checkpoint as an HF model directory (checkpointing.export_hf_dir)."""
+        out_dir = self.cfg.checkpointing.export_hf_dir
+        if out_dir is None:
+            return None
+        path = os.path.abspath(megatron_to_hf(step_dir(self.run_dir, self.last_saved_step), out_dir))
+        self._write(f"exported the policy as a Hugging Face model: {path}")
+        return path
+
+    def _finish(self, stop_reason: Optional[str], hf_export: Optional[str]) -> Dict[str, object]:
+        self.stop_requests.close()
         wall = time.perf_counter() - self.start_time
         summary = {
             "steps": self.step,
@@ -136,13 +224,16 @@ class Trainer:
             "run_dir": os.path.abspath(self.run_dir),
             "checkpoint": os.path.abspath(os.path.join(self.run_dir, f"step_{self.last_saved_step}"))
             if self.last_saved_step is not None else None,
+            "stopped_early": stop_reason,
+            "hf_export": hf_export,
         }
-        if self.val_history:
-            final, best = self.val_history[-1], max(self.val_history, key=lambda m: m["accuracy"])
+        val_history = self.state.val_history
+        if val_history:
+            final, best = val_history[-1], max(val_history, key=lambda m: m["accuracy"])
             summary.update(
                 final_val_accuracy=final["accuracy"], final_val_loss=final["loss"],
                 best_val_accuracy=best["accuracy"], best_val_step=best["step"],
-                best_val_loss=min(m["loss"] for m in self.val_history),
+                best_val_loss=min(m["loss"] for m in val_history),
             )
         self.metrics_logger.close()
         if self.is_rank0:
@@ -153,8 +244,7 @@ class Trainer:
 
 
 def train(cfg: Config) -> Dict[str, object]:
-    run = setup_run(cfg)
-    if run.ctx.is_rank0:
-        os.makedirs(cfg.checkpointing.checkpoint_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.checkpointing.checkpoint_dir, "config.yaml"))
-    return Trainer(run).fit()
+    # Listen for stop signals before the (long) setup: a preemption notice that
+    # arrives while models load is honoured after the first step, not lost.
+    stop_requests = StopRequests(cfg.checkpointing.checkpoint_must_save_by)
+    return Trainer(setup_run(cfg), stop_requests).fit()

@@ -1,19 +1,39 @@
 """One training step and one validation batch, and their metric reduction."""
 
+import math
 import time
-from typing import Dict, List
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
 
+from megatron_dpo.config.schema import DataConfig
 from megatron_dpo.data import TokenizedPair, make_microbatches
 from megatron_dpo.parallel.init import ParallelContext, get_device
 from megatron_dpo.parallel.schedule import METRIC_SUMS, policy_pass, reference_pass
 
+# timer(phase) -> a context manager around "reference", "policy", "optimizer"
+# (scripts/benchmark.py times them; training passes none).
+PhaseTimer = Callable[[str], ContextManager]
 
-def to_device(microbatches: List[dict]) -> List[dict]:
+
+def device_microbatches(pairs: List[TokenizedPair], micro_batch_size: int, pad_id: int,
+                        data_cfg: DataConfig) -> List[dict]:
+    """The pairs' micro-batches, padded or packed as ``data_cfg`` says, on the run device."""
+    microbatches = make_microbatches(pairs, micro_batch_size, pad_id, data_cfg.packing, data_cfg.prefix_sharing)
     device = get_device()
-    return [{key: value.to(device) for key, value in batch.items()} for batch in microbatches]
+    return [{key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+            for batch in microbatches]
+
+
+def fill_reference_logps(run, microbatches: List[dict], seq_length: int) -> None:
+    """Online: run the reference over the micro-batches. Cached / none: the
+    pairs carried their reference log-probs into each micro-batch (collate)."""
+    if run.reference:
+        reference_pass(run.reference, microbatches, seq_length, run.arch.vocab_size)
+    else:
+        assert "reference_logps" in microbatches[0], "no reference model and no reference log-probs in the batch"
 
 
 def num_real_tokens(pairs: List[TokenizedPair]) -> int:
@@ -36,39 +56,67 @@ def reduce_metrics(sums: torch.Tensor, num_tokens: int, ctx: ParallelContext) ->
     return metrics
 
 
-def train_step(run, pairs: List[TokenizedPair]) -> Dict[str, float]:
+def train_step(run, pairs: List[TokenizedPair], timer: PhaseTimer = nullcontext) -> Dict[str, float]:
     """Reference pass, policy forward/backward, optimizer and LR step."""
     start = time.perf_counter()
-    microbatches = to_device(make_microbatches(pairs, run.micro_batch_size, run.pad_id))
+    microbatches = device_microbatches(pairs, run.micro_batch_size, run.pad_id, run.cfg.data)
     seq_length = microbatches[0]["tokens"].shape[1]
     for chunk in run.policy:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
-    reference_pass(run.reference, microbatches, seq_length, run.arch.vocab_size)
-    sums = policy_pass(run.policy, microbatches, seq_length, run.arch.vocab_size, run.loss_cfg)
+    with timer("reference"):
+        fill_reference_logps(run, microbatches, seq_length)
+    with timer("policy"):
+        sums = policy_pass(run.policy, microbatches, seq_length, run.arch.vocab_size, run.loss_cfg)
+    metrics = reduce_metrics(sums, num_real_tokens(pairs), run.ctx)
+    with timer("optimizer"):
+        updated, grad_norm = optimizer_step(run, metrics["loss"])
+    step_time = time.perf_counter() - start
+    metrics.update(
+        grad_norm=grad_norm,
+        lr=run.optimizer.param_groups[0]["lr"],
+        step_time=step_time,
+        tokens_per_sec=metrics["num_tokens"] / step_time,
+        update_skipped=float(not updated),
+    )
+    return metrics
+
+
+@torch.no_grad()
+def optimizer_step(run, loss: float) -> Tuple[bool, float]:
+    """megatron-core 0.16.1's ``ChainedOptimizer.step``, split so that a step
+    whose loss or gradient norm is NaN/inf applies no update and leaves the LR
+    schedule where it is (as megatron's own loop does for a skipped step).
+    Loss and norm are reduced over all ranks, so every rank decides alike.
+    Returns (updated, grad norm before clipping)."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    optimizer = run.optimizer
+    found_inf = optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    if found_inf or not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return False, grad_norm
     # The schedule's value at this step number (1-based) applies to this step,
     # so the first step of a warmup does not run at lr_warmup_init.
     run.scheduler.step(increment=1)
-    lr = run.optimizer.param_groups[0]["lr"]
-    _, grad_norm, _ = run.optimizer.step()
-    metrics = reduce_metrics(sums, num_real_tokens(pairs), run.ctx)
-    step_time = time.perf_counter() - start
-    metrics.update(
-        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-        lr=lr,
-        step_time=step_time,
-        tokens_per_sec=metrics["num_tokens"] / step_time,
-    )
-    return metrics
+    for chained in optimizer.chained_optimizers:
+        params = chained.get_parameters()
+        if chained.config.clip_grad > 0.0 and params:
+            clip_grad_by_total_norm_fp32(
+                params, chained.config.clip_grad, grad_norm,
+                use_decoupled_grad=chained.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+            )
+    optimizer.step_with_ready_grads()
+    return True, grad_norm
 
 
 @torch.no_grad()
 def eval_batch(run, pairs: List[TokenizedPair], micro_batch_size: int):
     """Metric sums (METRIC_SUMS + pair count) of one validation batch, unreduced,
     and the per-pair (chosen, rejected) rewards of each micro-batch (last stage)."""
-    microbatches = to_device(make_microbatches(pairs, micro_batch_size, run.pad_id))
+    microbatches = device_microbatches(pairs, micro_batch_size, run.pad_id, run.cfg.data)
     seq_length = microbatches[0]["tokens"].shape[1]
-    reference_pass(run.reference, microbatches, seq_length, run.arch.vocab_size)
+    fill_reference_logps(run, microbatches, seq_length)
     sums = policy_pass(run.policy, microbatches, seq_length, run.arch.vocab_size, run.loss_cfg, forward_only=True)
     rewards = [batch["pair_rewards"] for batch in microbatches if "pair_rewards" in batch]
     return sums, rewards

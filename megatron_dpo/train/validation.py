@@ -32,11 +32,12 @@ def _texts(tokenizer, pair) -> dict:
     }
 
 
-def validate(run, num_samples: int = 0) -> Tuple[Dict[str, float], List[dict]]:
-    """Metrics over ``dpo.val_batches`` global batches (all when None), and
-    ``num_samples`` printable pairs with their rewards (on DP rank 0)."""
+def validate(run, split: str, num_samples: int = 0) -> Tuple[Dict[str, float], List[dict]]:
+    """Metrics of the validation set ``split`` ("val", "val/<name>") over
+    ``dpo.val_batches`` global batches (all when None), and ``num_samples``
+    printable pairs with their rewards (on DP rank 0)."""
     dpo = run.cfg.dpo
-    pairs = run.val_data.pairs
+    pairs = run.val_data[split].pairs
     sampler = PairSampler(len(pairs), dpo.val_global_batch_size, run.ctx.dp_rank, run.ctx.dp_size,
                           shuffle=False, seed=dpo.seed)
     total_sums, num_tokens, samples = None, 0, []

@@ -29,6 +29,8 @@ def test_cuda_calls_are_redirected_to_cpu():
         assert t.type() == "torch.cuda.FloatTensor" and t.type(torch.float64).dtype == torch.float64
         torch.cuda.synchronize(); torch.cuda.empty_cache()
         torch.manual_seed(3)  # must not recurse through manual_seed_all
+        with torch.device("meta"):  # transformers builds models this way
+            assert torch.tensor([1.0]).device.type == "meta" and torch.zeros(2).device.type == "meta"
         print("OK")
     """)
     assert "OK" in out

@@ -1,4 +1,5 @@
-"""Data pipeline: load_pairs errors, tokenization masks, sampler, collate, demo data."""
+"""Data pipeline: tokenization masks and truncation, sampler, collate, demo data.
+Input formats and their errors: test_data_formats.py."""
 
 import json
 import os
@@ -41,8 +42,8 @@ class PieceTokenizer:
         return ids
 
 
-def tok(pairs, max_length=64, policy="truncate"):
-    return tokenize_pairs([PreferencePair(*p) for p in pairs], PieceTokenizer(), max_length, policy)
+def tok(pairs, max_length=64, policy="truncate", mode="keep_end"):
+    return tokenize_pairs([PreferencePair(*p) for p in pairs], PieceTokenizer(), max_length, policy, mode)
 
 
 # ---------------------------------------------------------------- tokenize
@@ -69,6 +70,12 @@ def test_truncate_cuts_prompt_start_keeping_bos_and_prompt_end():
     assert result.pairs == [TokenizedPair([1, 11, 11, 12, 2], [1, 11, 11, 13, 13, 2], 3, 3)]
 
 
+def test_truncate_keep_start_cuts_prompt_end():
+    # prompt [BOS q b a a a a] (7) loses its last 4 tokens, keeping [BOS q b].
+    result = tok([("qbaaaa", "b", "cc")], max_length=6, mode="keep_start")
+    assert result.pairs == [TokenizedPair([1, 10, 12, 12, 2], [1, 10, 12, 13, 13, 2], 3, 3)]
+
+
 def test_truncate_cuts_completion_end_when_prompt_is_gone():
     pair = tok([("qaaaaa", "b", "cc")], max_length=3).pairs[0]
     assert pair == TokenizedPair([1, 12, 2], [1, 13, 13], 1, 1)
@@ -81,49 +88,22 @@ def test_drop_counts_and_all_dropped_error_names_the_key():
         tok([("qaaaaa", "b", "cc")], max_length=4, policy="drop")
 
 
-def test_unknown_overlength_policy():
+def test_unknown_overlength_policy_or_truncation_mode():
     with pytest.raises(DataError, match="data.overlength_policy"):
         tok([("qa", "b", "c")], policy="clip")
+    with pytest.raises(DataError, match=r"data.truncation_mode='middle'; choose one of \['keep_end', 'keep_start'\]"):
+        tok([("qa", "b", "c")], mode="middle")
 
 
-# ---------------------------------------------------------------- load_pairs
-def write(tmp_path, text, name="pairs.jsonl"):
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
-GOOD = json.dumps({"prompt": "p", "chosen": "yes", "rejected": "no"})
-
-
-def test_load_pairs_skips_blank_lines_and_uses_configured_keys(tmp_path):
-    path = write(tmp_path, "\n" + GOOD + "\n\n" + json.dumps({"q": "p", "good": "a", "bad": "b"}) + "\n")
-    with pytest.raises(DataError, match=r"pairs\.jsonl:4: missing key 'prompt'"):
-        load_pairs(path, DataConfig())
-    path = write(tmp_path, json.dumps({"q": "p", "good": "a", "bad": "b"}) + "\n\n")
-    cfg = DataConfig(prompt_key="q", chosen_key="good", rejected_key="bad")
-    assert load_pairs(path, cfg) == [PreferencePair("p", "a", "b")]
-
-
-@pytest.mark.parametrize("line, message", [
-    ('{"prompt": "p", "chosen": "a"', r":2: not valid JSON \(Expecting"),
-    ('["p", "a", "b"]', r":2: expected a JSON object"),
-    ('{"prompt": "p", "chosen": "a"}', r":2: missing key 'rejected' \(keys present: \['chosen', 'prompt'\]\)"),
-    ('{"prompt": "p", "chosen": ["a"], "rejected": "b"}', r":2: key 'chosen' must be a string, got list"),
-    ('{"prompt": "p", "chosen": "a", "rejected": "  "}', r":2: key 'rejected' is empty"),
-    ('{"prompt": "p", "chosen": "a", "rejected": "a"}', r":2: 'chosen' and 'rejected' are identical"),
-])
-def test_load_pairs_errors_name_file_line_and_key(tmp_path, line, message):
-    path = write(tmp_path, GOOD + "\n" + line + "\n")
-    with pytest.raises(DataError, match=r"pairs\.jsonl" + message):
-        load_pairs(path, DataConfig())
-
-
-def test_load_pairs_missing_and_empty_file(tmp_path):
-    with pytest.raises(DataError, match=r"nope\.jsonl' does not exist.*data\.train_data_path"):
-        load_pairs(str(tmp_path / "nope.jsonl"), DataConfig())
-    with pytest.raises(DataError, match=r"empty\.jsonl holds no preference pairs"):
-        load_pairs(write(tmp_path, "\n  \n", "empty.jsonl"), DataConfig())
+def test_tokenize_carries_rewards_and_collate_interleaves_them():
+    pairs = [PreferencePair("qa", "b", "c", 1.5, -0.5), PreferencePair("qa", "c", "b", 0.25, 0.0)]
+    result = tokenize_pairs(pairs, PieceTokenizer(), 3, "truncate", "keep_end")
+    assert [(p.chosen_reward, p.rejected_reward) for p in result.pairs] == [(1.5, -0.5), (0.25, 0.0)]
+    result.pairs[0].reference_logps, result.pairs[1].reference_logps = (-1.0, -2.0), (-3.0, -4.0)
+    batch = collate_microbatch(result.pairs, pad_id=PAD, seq_length=4)
+    assert batch["gt_rewards"].tolist() == [1.5, -0.5, 0.25, 0.0]
+    assert batch["reference_logps"].tolist() == [-1.0, -2.0, -3.0, -4.0]
+    assert "gt_rewards" not in collate_microbatch([TokenizedPair([1, 2], [1, 3], 1, 1)], PAD, 2)
 
 
 # ---------------------------------------------------------------- sampler

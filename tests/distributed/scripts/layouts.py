@@ -1,7 +1,11 @@
 """Train two steps of the tiny fp32 model under each parallel layout given on
 the command line (all at this launch's world size) and print the metrics as
-JSON lines on rank 0. A layout is ``name:key=value,key=value``."""
+JSON lines on rank 0. A layout is ``name:key=value,key=value`` (keys: KEYS).
+Before training, the first batch's per-sequence log-probs of the initial
+policy are recorded where rank 0 holds them (the last pipeline stage).
+"""
 
+import itertools
 import json
 import os
 import sys
@@ -9,8 +13,9 @@ import sys
 from megatron_dpo.config import load_config
 from megatron_dpo.data import PairSampler
 from megatron_dpo.parallel.init import shutdown
+from megatron_dpo.parallel.schedule import reference_pass
 from megatron_dpo.train.setup import setup_run
-from megatron_dpo.train.step import train_step
+from megatron_dpo.train.step import device_microbatches, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 BASE = [
@@ -24,7 +29,21 @@ KEYS = {
     "vpp": "policy.megatron_cfg.virtual_pipeline_model_parallel_size",
     "mb": "policy.train_micro_batch_size",
     "distopt": "policy.megatron_cfg.optimizer.use_distributed_optimizer",
+    "pack": "data.packing",
+    "share": "data.prefix_sharing",
+    "ref": "reference.mode",
+    "cache": "reference.cache_dir",
 }
+
+
+def sequence_logps(run, pairs):
+    """Per-sequence log-probs of the policy on these pairs, [c0, r0, c1, ...];
+    None off the last pipeline stage."""
+    microbatches = device_microbatches(pairs, run.micro_batch_size, run.pad_id, run.cfg.data)
+    reference_pass(run.policy, microbatches, microbatches[0]["tokens"].shape[1], run.arch.vocab_size)
+    if not run.ctx.is_last_stage:
+        return None
+    return [value for batch in microbatches for value in batch["reference_logps"].tolist()]
 
 
 def run_layout(spec: str) -> dict:
@@ -34,9 +53,13 @@ def run_layout(spec: str) -> dict:
     run = setup_run(cfg)
     sampler = PairSampler(len(run.train_data.pairs), cfg.policy.train_global_batch_size,
                           run.ctx.dp_rank, run.ctx.dp_size, shuffle=True, seed=cfg.dpo.seed)
-    batches = iter(sampler)
-    steps = [train_step(run, [run.train_data.pairs[i] for i in next(batches)]) for _ in range(2)]
-    return {"layout": name, "num_microbatches": run.layout.num_microbatches, "steps": steps}
+    batches = [[run.train_data.pairs[i] for i in indices] for indices in itertools.islice(sampler, 2)]
+    record = {"layout": name, "num_microbatches": run.layout.num_microbatches,
+              "logps": sequence_logps(run, batches[0])}
+    if cfg.reference.mode == "cached":
+        record["cached_logps"] = [value for pair in batches[0] for value in pair.reference_logps]
+    record["steps"] = [train_step(run, pairs) for pairs in batches]
+    return record
 
 
 def main() -> None:

@@ -1,0 +1,202 @@
+"""megatron_dpo checkpoint (``step_N/``) -> Hugging Face model directory, streamed.
+
+Design: no model is built. The policy's dist checkpoint keeps every tensor
+under one global key and shape whatever TP/PP/VPP wrote it (transformer layers
+stacked on a leading axis: ``decoder.layers.mlp.linear_fc1.weight`` is
+[L, 2F, H], norms under TE names such as ``linear_qkv.layer_norm_weight``,
+vocab rows padded for the TP size that saved it). The exporter reads that
+metadata, plans output files of at most ``max_shard_bytes``, and for one file
+at a time loads just its tensors through dist_checkpointing (which reshards:
+a TP-split tensor comes back whole, fc1 as [gate; up]), splits them into HF
+tensors, drops the vocab padding and writes the file. Memory: one output file
+plus one tensor.
+
+Collective over the default process group. The script runs it as a world of
+one; at the end of training rank r writes files r, r + W, ..., rank 0 the
+config, generation config, tokenizer and index; the directory appears complete
+(renamed from ``<out>.partial``).
+"""
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_dpo.models import weights
+from megatron_dpo.models.architecture import ModelArchitecture
+from megatron_dpo.models.conversion import ConversionError, hf_io, llama, registry
+from megatron_dpo.models.source import ARCH_FILE
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+_MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+_VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where one canonical tensor lives in the dist checkpoint."""
+
+    key: str
+    layer: Optional[Tuple[int, int]]  # (index, count) on the stacked layer axis
+    shape: Tuple[int, ...]  # stored (vocab-padded) full shape
+    dtype: torch.dtype
+
+
+def read_architecture(checkpoint_dir: str) -> ModelArchitecture:
+    path = os.path.join(checkpoint_dir, ARCH_FILE)
+    if not os.path.isfile(path) or not os.path.isdir(os.path.join(checkpoint_dir, "policy")):
+        raise ConversionError(
+            f"'{checkpoint_dir}' is not a megatron_dpo checkpoint (needs {ARCH_FILE} and policy/): "
+            "point to a step_N/ directory or a converted checkpoint."
+        )
+    with open(path) as handle:
+        return ModelArchitecture.from_dict(json.load(handle))
+
+
+def _slots(policy_dir: str, arch: ModelArchitecture) -> Dict[str, _Slot]:
+    from megatron.core import dist_checkpointing
+
+    slots = {}
+    for key, meta in dist_checkpointing.load_tensors_metadata(policy_dir).items():
+        shape = tuple(meta.global_shape)
+        if not key.startswith("decoder.layers."):
+            if key.startswith(_MODEL_PREFIXES):
+                slots[key] = _Slot(key, None, shape, meta.dtype)
+            continue
+        rest = key[len("decoder.layers."):]
+        for index in range(shape[0]):
+            name = weights.canonical_name(f"decoder.layers.{index}.{rest}", 0, arch.tie_word_embeddings)
+            slots[name] = _Slot(key, (index, shape[0]), shape[1:], meta.dtype)
+    return slots
+
+
+def _hf_shape(name: str, shape: Tuple[int, ...], arch: ModelArchitecture) -> Tuple[int, ...]:
+    if name in _VOCAB_PARAMS and shape[0] >= arch.vocab_size:
+        return (arch.vocab_size,) + shape[1:]
+    return shape
+
+
+def _check_slots(slots: Dict[str, _Slot], arch: ModelArchitecture, policy_dir: str) -> None:
+    expected = weights.canonical_names(arch)
+    missing = [name for name in expected if name not in slots]
+    unexpected = sorted(set(slots) - set(expected))
+    wrong = [
+        f"{name} {_hf_shape(name, slots[name].shape, arch)} != {weights.full_shape(name, arch)}"
+        for name in expected
+        if name in slots and _hf_shape(name, slots[name].shape, arch) != weights.full_shape(name, arch)
+    ]
+    if missing or unexpected or wrong:
+        raise ConversionError(
+            f"Checkpoint '{policy_dir}' does not match {ARCH_FILE}: missing {missing}, unexpected "
+            f"{unexpected}, wrong shapes {wrong}. Use the {ARCH_FILE} written with this checkpoint."
+        )
+
+
+def _load(policy_dir: str, slots: Dict[str, _Slot], names: List[str]) -> Dict[str, torch.Tensor]:
+    """Collective: every rank loads its own list of full canonical tensors."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    request = {}
+    for name in names:
+        slot = slots[name]
+        if slot.layer is None:
+            request[name] = ShardedTensor.from_rank_offsets(slot.key, torch.empty(slot.shape, dtype=slot.dtype), replica_id=0)
+        else:  # a [1, ...] slice of the stacked [L, ...] tensor
+            data = torch.empty((1, *slot.shape), dtype=slot.dtype)
+            request[name] = ShardedTensor.from_rank_offsets(slot.key, data, (0, *slot.layer), replica_id=0)
+    # The requests cover only part of the checkpoint: skip megatron's exactly-once check.
+    loaded = dist_checkpointing.load(request, policy_dir, validate_access_integrity=False)
+    return {name: loaded[name].squeeze(0) if slots[name].layer else loaded[name] for name in names}
+
+
+def _plan(names: List[str], nbytes: Dict[str, int], max_shard_bytes: int) -> List[List[str]]:
+    """Consecutive canonical tensors grouped into files of at most max_shard_bytes (one tensor may exceed it)."""
+    shards, size = [[]], 0
+    for name in names:
+        if shards[-1] and size + nbytes[name] > max_shard_bytes:
+            shards, size = shards + [[]], 0
+        shards[-1].append(name)
+        size += nbytes[name]
+    return shards
+
+
+def _hf_tensors(names: List[str], tensors: Dict[str, torch.Tensor], arch: ModelArchitecture) -> Dict[str, torch.Tensor]:
+    hf = {}
+    for name in names:
+        full = tensors.pop(name)  # freed as soon as it is split
+        if name in _VOCAB_PARAMS:
+            full = full[: arch.vocab_size]
+        hf.update(llama.hf_from_canonical(name, full, arch))
+    return hf
+
+
+def check_export_dir(out_dir: str) -> None:
+    """The target must be absent, empty, or an earlier HF export (replaced)."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, hf_io.CONFIG_FILE)):
+        raise ConversionError(
+            f"Export directory '{out_dir}' is not empty and holds no {hf_io.CONFIG_FILE} (not an earlier "
+            "export): refusing to replace it. Pick a new or empty directory."
+        )
+
+
+def _write_metadata(tmp: str, checkpoint_dir: str, arch: ModelArchitecture, dtype: torch.dtype) -> None:
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(checkpoint_dir, "tokenizer"))
+    tokenizer.save_pretrained(tmp)
+    fields = registry.hf_config_from_architecture(arch)
+    config = AutoConfig.for_model(
+        fields.pop("model_type"), **fields, dtype=str(dtype).removeprefix("torch."),
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config.save_pretrained(tmp)
+    GenerationConfig.from_model_config(config).save_pretrained(tmp)
+
+
+def _publish(tmp: str, out_dir: str) -> None:
+    old = out_dir.rstrip("/") + ".old"
+    if os.path.isdir(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def megatron_to_hf(checkpoint_dir: str, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+    """Collective (see the module docstring). Returns ``out_dir``."""
+    arch = read_architecture(checkpoint_dir)
+    check_export_dir(out_dir)
+    policy_dir = os.path.join(checkpoint_dir, "policy")
+    slots = _slots(policy_dir, arch)
+    _check_slots(slots, arch, policy_dir)
+    names = weights.canonical_names(arch)
+    nbytes = {n: slots[n].dtype.itemsize * torch.Size(_hf_shape(n, slots[n].shape, arch)).numel() for n in names}
+    shards = _plan(names, nbytes, max_shard_bytes)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    tmp = out_dir.rstrip("/") + ".partial"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    for first in range(0, len(shards), world_size):
+        index = first + rank
+        mine = shards[index] if index < len(shards) else []
+        tensors = _load(policy_dir, slots, mine)
+        if mine:
+            file = os.path.join(tmp, hf_io.shard_file_name(index, len(shards)))
+            hf_io.save_shard(file, _hf_tensors(mine, tensors, arch))
+    dist.barrier()
+    if rank == 0:
+        weight_map = {
+            hf: hf_io.shard_file_name(index, len(shards))
+            for index, shard in enumerate(shards) for hf in llama.expected_hf_names(shard)
+        }
+        hf_io.write_index(tmp, weight_map, sum(nbytes.values()))
+        _write_metadata(tmp, checkpoint_dir, arch, slots[names[0]].dtype)
+        _publish(tmp, out_dir)
+    dist.barrier()
+    return out_dir

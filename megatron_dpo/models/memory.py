@@ -1,0 +1,107 @@
+"""Per-GPU memory estimate of a DPO run, for ``validate-config``.
+
+Counts are exact for parameters (from the canonical tensor shapes, TP shards,
+vocab padding, pipeline stages) and rough for activations. Bytes per
+parameter follow ``train/optimizer.py``: weights in ``policy.precision``,
+gradients in fp32 (``grad_reduce_in_fp32``), Adam state of fp32 moments plus
+an fp32 master copy for bf16, sharded over DP with the distributed optimizer.
+
+Activations use Korthikanti et al. 2022 ("Reducing Activation Recomputation
+in Large Transformer Models", Sec. 4) with fused (flash) attention, per layer
+and micro-batch in 16-bit units of s*b*h: 34/t with sequence parallelism,
+10 + 24/t without; 2 (/t with SP) per layer when activations are
+checkpointed, plus one layer recomputed. Stage p of the 1F1B pipeline holds
+min(PP - p, micro-batches) micro-batches in flight. A micro-batch of m pairs
+is b = 2m sequences of up to s = policy.max_total_sequence_length tokens.
+Not counted: CUDA context, communication buffers, allocator fragmentation.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import List, Tuple
+
+from megatron_dpo.config.schema import Config
+from megatron_dpo.config.validate import ParallelLayout
+from megatron_dpo.models.architecture import ModelArchitecture
+from megatron_dpo.models.weights import canonical_names, full_shape
+
+GIB = 2**30
+_WEIGHT_BYTES = {"float32": 4, "bfloat16": 2}
+_VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    stage: int  # the pipeline stage with the largest total
+    num_parameters: int  # of the policy, on one GPU of that stage
+    rows: List[Tuple[str, float]]  # (what, bytes)
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(size for _, size in self.rows)
+
+
+def stage_parameters(arch: ModelArchitecture, tp_size: int, pp_size: int) -> List[int]:
+    """Parameters held by one GPU of each pipeline stage (its TP shard)."""
+    layers_per_stage = arch.num_layers // pp_size
+    counts = [0] * pp_size
+    for name in canonical_names(arch):
+        shape = list(full_shape(name, arch))
+        if name in _VOCAB_PARAMS:
+            shape[0] = arch.padded_vocab_size(tp_size)
+        numel = math.prod(shape) // (1 if name.endswith("layernorm.weight") else tp_size)
+        if name.startswith("decoder.layers."):
+            counts[int(name.split(".")[2]) // layers_per_stage] += numel
+        else:
+            counts[0 if name.startswith("embedding.") else -1] += numel
+    if arch.tie_word_embeddings and pp_size > 1:  # the last stage keeps its own copy of the embedding
+        counts[-1] += arch.padded_vocab_size(tp_size) * arch.hidden_size // tp_size
+    return counts
+
+
+def _activation_bytes(arch: ModelArchitecture, cfg: Config, layout: ParallelLayout, stage: int) -> float:
+    megatron_cfg = cfg.policy.megatron_cfg
+    tp = layout.tp_size
+    sbh = cfg.policy.max_total_sequence_length * 2 * cfg.policy.train_micro_batch_size * arch.hidden_size
+    unit = sbh * _WEIGHT_BYTES[cfg.policy.precision] / 2
+    full_layer = unit * (34 / tp if megatron_cfg.sequence_parallel else 10 + 24 / tp)
+    in_flight = min(layout.pp_size - stage, layout.num_microbatches) * (arch.num_layers // layout.pp_size)
+    if megatron_cfg.activation_checkpointing:
+        return in_flight * unit * 2 / (tp if megatron_cfg.sequence_parallel else 1) + full_layer
+    return in_flight * full_layer
+
+
+def _logits_bytes(arch: ModelArchitecture, cfg: Config, layout: ParallelLayout) -> float:
+    # Output logits, then fp32 copies for the vocab-parallel log-softmax and its saved softmax.
+    elements = (cfg.policy.max_total_sequence_length * 2 * cfg.policy.train_micro_batch_size
+                * arch.padded_vocab_size(layout.tp_size) // layout.tp_size)
+    return elements * (_WEIGHT_BYTES[cfg.policy.precision] + 3 * 4)
+
+
+def _stage_rows(arch: ModelArchitecture, cfg: Config, layout: ParallelLayout, stage: int, params: int):
+    precision = cfg.policy.precision
+    weight_bytes = _WEIGHT_BYTES[precision]
+    distributed = cfg.policy.megatron_cfg.optimizer.use_distributed_optimizer
+    optimizer_bytes = 12 if precision == "bfloat16" else 8  # (fp32 master +) Adam m, v
+    shards = layout.dp_size if distributed else 1
+    optimizer_what = ("fp32 master + " if precision == "bfloat16" else "") + "Adam m, v"
+    optimizer_what += f", sharded over DP {shards}" if distributed else ", not sharded"
+    reference = params * weight_bytes if cfg.reference.mode == "online" else 0
+    is_last = stage == layout.pp_size - 1
+    return [
+        (f"policy weights ({precision})", params * weight_bytes),
+        ("policy grads (fp32)", params * 4),
+        (f"optimizer ({optimizer_what})", params * optimizer_bytes / shards),
+        (f"reference weights (reference.mode={cfg.reference.mode})", reference),
+        ("activations (rough)", _activation_bytes(arch, cfg, layout, stage)),
+        ("logits + log-softmax", _logits_bytes(arch, cfg, layout) if is_last else 0),
+    ]
+
+
+def estimate_memory(arch: ModelArchitecture, cfg: Config, layout: ParallelLayout) -> MemoryEstimate:
+    """The estimate for the pipeline stage that needs the most memory."""
+    estimates = [
+        MemoryEstimate(stage, params, _stage_rows(arch, cfg, layout, stage, params))
+        for stage, params in enumerate(stage_parameters(arch, layout.tp_size, layout.pp_size))
+    ]
+    return max(estimates, key=lambda estimate: estimate.total_bytes)

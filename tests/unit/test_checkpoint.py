@@ -1,0 +1,98 @@
+"""Checkpoint bookkeeping without a process group: retention, leftovers of
+killed saves, what makes a resume refused, and the checkpointing config keys."""
+
+import json
+import os
+
+import pytest
+
+from megatron_dpo.checkpoint.fingerprint import data_fingerprint
+from megatron_dpo.checkpoint.load import check_compatible, find_resume_dir
+from megatron_dpo.checkpoint.save import TRAIN_STATE_FILE, complete_steps, prune_checkpoints, remove_incomplete
+from megatron_dpo.config import ConfigError, load_config
+from megatron_dpo.config.load import duration_seconds
+from megatron_dpo.config.schema import CheckpointingConfig
+from megatron_dpo.data import TokenizedPair
+from megatron_dpo.models.source import ARCH_FILE
+
+ARCH = {"num_layers": 4, "hidden_size": 64}
+FINGERPRINTS = {"tokenizer": "t0", "data": "d0"}
+
+
+def _step(run_dir, step, metrics=None, arch=ARCH, fingerprints=FINGERPRINTS):
+    directory = os.path.join(run_dir, f"step_{step}")
+    os.makedirs(directory)
+    with open(os.path.join(directory, ARCH_FILE), "w") as handle:
+        json.dump(arch, handle)
+    with open(os.path.join(directory, TRAIN_STATE_FILE), "w") as handle:
+        json.dump({"step": step, "metrics": metrics or {}, "fingerprints": fingerprints}, handle)
+    return directory
+
+
+def test_keep_top_k_keeps_the_best_by_metric_plus_the_newest(tmp_path):
+    losses = {1: 0.9, 2: 0.3, 3: 0.5, 4: 0.2, 5: None, 6: 0.7}
+    for step, loss in losses.items():
+        _step(tmp_path, step, {} if loss is None else {"val:loss": loss})
+    cfg = CheckpointingConfig(checkpoint_dir=str(tmp_path), keep_top_k=2, metric_name="val:loss")
+    assert prune_checkpoints(cfg) == [1, 3, 5]
+    assert complete_steps(str(tmp_path)) == [2, 4, 6]
+    cfg.higher_is_better = True  # the best two are now 6 (0.7) and 2 (0.3)
+    assert prune_checkpoints(cfg) == [4]
+
+
+def test_keep_top_k_without_metric_keeps_the_newest(tmp_path):
+    for step in (1, 2, 3):
+        _step(tmp_path, step)
+    assert prune_checkpoints(CheckpointingConfig(checkpoint_dir=str(tmp_path), keep_top_k=1)) == [1, 2]
+    assert prune_checkpoints(CheckpointingConfig(checkpoint_dir=str(tmp_path))) == []
+
+
+def test_half_written_checkpoints_are_invisible_and_removed(tmp_path):
+    _step(tmp_path, 1)
+    os.makedirs(os.path.join(tmp_path, ".tmp_step_2", "policy"))
+    os.makedirs(os.path.join(tmp_path, "step_3"))  # no train_state.json: not complete
+    assert complete_steps(str(tmp_path)) == [1]
+    assert find_resume_dir(CheckpointingConfig(checkpoint_dir=str(tmp_path))) == os.path.join(tmp_path, "step_1")
+    assert remove_incomplete(str(tmp_path)) == [".tmp_step_2"]
+    assert sorted(os.listdir(tmp_path)) == ["step_1", "step_3"]
+
+
+def test_resume_path_must_be_a_complete_checkpoint(tmp_path):
+    cfg = CheckpointingConfig(checkpoint_dir=str(tmp_path), resume=str(tmp_path / "step_9"))
+    with pytest.raises(ConfigError, match=r"checkpointing.resume=.*step_9.* is not a complete checkpoint"):
+        find_resume_dir(cfg)
+    assert find_resume_dir(CheckpointingConfig(checkpoint_dir=str(tmp_path), resume="never")) is None
+
+
+def test_resume_into_another_model_names_the_fields(tmp_path):
+    directory = _step(tmp_path, 1)
+    state = {"fingerprints": FINGERPRINTS}
+    other = dict(ARCH, num_layers=2)
+    with pytest.raises(ConfigError, match=r"num_layers: checkpoint 4, this run 2"):
+        check_compatible(directory, state, other, FINGERPRINTS, allow_config_change=True)
+
+
+def test_resume_with_other_tokenizer_or_data_is_refused_unless_allowed(tmp_path):
+    directory = _step(tmp_path, 1)
+    state = {"fingerprints": FINGERPRINTS}
+    with pytest.raises(ConfigError, match=r"the tokenizer \(policy.tokenizer.\*\) differ.*allow_config_change=true"):
+        check_compatible(directory, state, ARCH, dict(FINGERPRINTS, tokenizer="t1"), allow_config_change=False)
+    with pytest.raises(ConfigError, match=r"the training data \(data.train_data_path"):
+        check_compatible(directory, state, ARCH, dict(FINGERPRINTS, data="d1"), allow_config_change=False)
+    check_compatible(directory, state, ARCH, {"tokenizer": "t1", "data": "d1"}, allow_config_change=True)
+
+
+def test_data_fingerprint_follows_token_ids_order_and_boundaries():
+    pairs = [TokenizedPair([1, 2, 3], [1, 2, 4], 2, 2), TokenizedPair([5, 6], [5, 7], 1, 1)]
+    moved = [TokenizedPair([1, 2], [3, 1, 2, 4], 2, 2), pairs[1]]  # same ids, other boundary
+    assert data_fingerprint(pairs) == data_fingerprint(list(pairs))
+    assert len({data_fingerprint(pairs), data_fingerprint(pairs[::-1]), data_fingerprint(moved)}) == 3
+
+
+def test_checkpointing_keys_are_checked_at_load():
+    assert duration_seconds("03:45:00") == 13500 and duration_seconds("01:00:00:30") == 86430
+    with pytest.raises(ConfigError, match=r"checkpoint_must_save_by.*HH:MM:SS"):
+        load_config(None, ["checkpointing.checkpoint_must_save_by=3h"])
+    with pytest.raises(ConfigError, match=r"checkpointing.metric_name.*val:loss"):
+        load_config(None, ["checkpointing.metric_name=loss"])
+    assert load_config(None, ["checkpointing.metric_name=val/chat:accuracy"]).checkpointing.metric_name
