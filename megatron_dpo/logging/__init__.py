@@ -10,6 +10,7 @@ from megatron_dpo.logging.console import (
     format_val_line,
     print_summary,
     print_val_samples,
+    timed,
     write_summary,
 )
 from megatron_dpo.logging.metrics import MetricsLogger, read_metrics
@@ -22,5 +23,6 @@ __all__ = [
     "print_summary",
     "print_val_samples",
     "read_metrics",
+    "timed",
     "write_summary",
 ]

@@ -6,8 +6,11 @@ progress bar instead of breaking it; without a bar it is a plain print.
 """
 
 import json
+import logging
 import os
-from typing import Dict, List, Optional
+import time
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional
 
 from tqdm import tqdm
 
@@ -133,3 +136,15 @@ def write_summary(run_dir: str, summary: Dict[str, object]) -> str:
         json.dump(json_safe(summary), f, indent=2)
         f.write("\n")
     return path
+
+
+@contextmanager
+def timed(what: str) -> Iterator[None]:
+    """Log ``what`` and, when it is done, how long it took (INFO: rank 0 only,
+    as the CLI configures logging). For the long phases outside the step loop:
+    tokenisation, model build and weight loading, reference pre-pass, saves."""
+    log = logging.getLogger("megatron_dpo")
+    log.info("%s ...", what)
+    start = time.perf_counter()
+    yield
+    log.info("%s: done in %.1f s", what, time.perf_counter() - start)

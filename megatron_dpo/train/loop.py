@@ -105,7 +105,7 @@ class Trainer:
             prune_checkpoints(self.cfg.checkpointing)
         self.last_saved_step = self.step
         self.max_save_seconds = max(self.max_save_seconds, time.perf_counter() - start)
-        self._write(f"saved checkpoint {path}")
+        self._write(f"saved checkpoint {path} in {time.perf_counter() - start:.1f} s")
 
     def _count_skipped(self, metrics: Dict[str, float]) -> None:
         state = self.state

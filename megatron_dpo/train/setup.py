@@ -10,6 +10,7 @@ import torch
 from megatron_dpo.config.schema import Config, LossConfig
 from megatron_dpo.config.validate import ParallelLayout, resolve_layout, resolve_val_num_microbatches
 from megatron_dpo.data import DataError, TokenizeResult, build_dataset, split_paths
+from megatron_dpo.logging import timed
 from megatron_dpo.loss.registry import NEEDS_GT_REWARDS
 from megatron_dpo.models.architecture import ModelArchitecture
 from megatron_dpo.models.build import build_model
@@ -61,8 +62,9 @@ def total_steps(cfg: Config, num_train_pairs: int) -> int:
 def _load_data(cfg: Config, tokenizer) -> Dict[str, TokenizeResult]:
     """Every data set by split name ("train", "val", "val/<name>")."""
     max_length = cfg.policy.max_total_sequence_length
-    datasets = {name: build_dataset(path, cfg.data, tokenizer, max_length)
-                for name, path in split_paths(cfg.data).items()}
+    with timed("loading and tokenizing the data"):
+        datasets = {name: build_dataset(path, cfg.data, tokenizer, max_length)
+                    for name, path in split_paths(cfg.data).items()}
     _check_gt_rewards(cfg, datasets)
     return datasets
 
@@ -85,11 +87,12 @@ def build_chunks(cfg: Config, source: ModelSource, ctx: ParallelContext, trainab
     (trainable) or the frozen reference (no grads, no optimizer state); both
     of one layout."""
     megatron_cfg = cfg.policy.megatron_cfg
-    chunks = build_model(
-        source.arch, ctx, cfg.policy.precision, megatron_cfg.sequence_parallel,
-        megatron_cfg.activation_checkpointing, trainable=trainable, prefix_sharing=cfg.data.prefix_sharing,
-    )
-    load_weights(chunks, source, ctx, cfg.dpo.seed)
+    with timed(f"building the {'policy' if trainable else 'reference'} and loading its weights ({source.path})"):
+        chunks = build_model(
+            source.arch, ctx, cfg.policy.precision, megatron_cfg.sequence_parallel,
+            megatron_cfg.activation_checkpointing, trainable=trainable, prefix_sharing=cfg.data.prefix_sharing,
+        )
+        load_weights(chunks, source, ctx, cfg.dpo.seed)
     return chunks
 
 
