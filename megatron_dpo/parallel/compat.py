@@ -143,6 +143,28 @@ def _check_version() -> None:
         )
 
 
+# Blocking torch.distributed calls the benchmark times (scripts/benchmark.py).
+# isend / irecv stay unwrapped: P2POp accepts only the originals.
+TIMED_COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
+    "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "all_to_all_single", "barrier",
+    "send", "recv", "batch_isend_irecv",
+)
+
+
+def instrument_collectives(wrap) -> None:
+    """Replace each of ``TIMED_COLLECTIVES`` with ``wrap(original)``.
+
+    Benchmark instrumentation only (training never calls it); it lives here so
+    that this module stays the one place that patches a library. Call it before
+    megatron-core is imported: some of its modules keep references to these.
+    """
+    import torch.distributed as dist
+
+    for name in TIMED_COLLECTIVES:
+        setattr(dist, name, wrap(getattr(dist, name)))
+
+
 def apply() -> None:
     """Adapt megatron-core to this machine. Safe to call more than once."""
     global _applied

@@ -5,7 +5,8 @@ shared ones) is a run of its own, set up once. Then the variants take turns
 step by step on the same batches of synthetic pairs (perf/synthetic.py): drift
 in machine load hits them alike, and each ratio is the median of per-step
 ratios. A dense-matmul peak sample is taken every round (perf/flops.py).
-Rank 0 prints one JSON object. All variants share one parallel layout.
+Memory is measured in one more, untimed step per variant. Rank 0 prints one
+JSON object. All variants share one parallel layout.
 """
 
 import argparse
@@ -116,19 +117,26 @@ def rank_pairs(run, step: int, global_batch: int):
 
 
 def timed_step(run, pairs, comm: CommTimer) -> dict:
-    """One train step with its phase, communication and memory numbers.
-    Memory: GPU peak allocated; CPU the RSS rise during the step (PeakRss)."""
+    """One train step with its phase and communication times."""
     comm.reset()
     timer = PhaseTimer()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    with PeakRss() as rss:
-        metrics = train_step(run, pairs, timer)
+    metrics = train_step(run, pairs, timer)
     record = {"step_time": metrics["step_time"], "tokens": metrics["num_tokens"], "comm": comm.seconds}
     record.update(timer.seconds)
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else rss.peak - rss.start
-    record["memory_mb"] = peak / 2**20
     return record
+
+
+def step_memory_mb(run, pairs) -> float:
+    """Peak memory of one more (untimed) step: GPU peak allocated; CPU the RSS
+    rise during the step (PeakRss samples from a thread, which would perturb
+    the timed steps)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        train_step(run, pairs)
+        return torch.cuda.max_memory_allocated() / 2**20
+    with PeakRss() as rss:
+        train_step(run, pairs)
+    return (rss.peak - rss.start) / 2**20
 
 
 def run_rounds(args, runs, comm: CommTimer):
@@ -141,14 +149,16 @@ def run_rounds(args, runs, comm: CommTimer):
             record = timed_step(runs[name], rank_pairs(runs[name], step, args.global_batch), comm)
             if step >= args.warmup:
                 records[name].append(dict(record, step=step))
-    return records, peaks
+    memory = {name: step_memory_mb(run, rank_pairs(run, args.warmup, args.global_batch))
+              for name, run in runs.items()}
+    return records, peaks, memory
 
 
 def _median(records: List[dict], key: str) -> float:
     return statistics.median(record.get(key, 0.0) for record in records)
 
 
-def summarise(args, run, records: List[dict], peak_median: float) -> dict:
+def summarise(args, run, records: List[dict], peak_median: float, memory_mb: float) -> dict:
     """One variant's numbers: per-step rates as medians over the measured steps."""
     data = run.cfg.data
     flops = [step_flops(run.arch, global_pairs(run, r["step"], args.global_batch), data.prefix_sharing,
@@ -172,7 +182,7 @@ def summarise(args, run, records: List[dict], peak_median: float) -> dict:
         "model_gflop_per_step": round(statistics.mean(f.total for f in flops) / 1e9, 2),
         "achieved_gflop_per_s": round(achieved / 1e9, 2),
         "mfu": round(achieved / peak_median, 3),
-        "step_memory_mb_max": round(max(r["memory_mb"] for r in records), 1),
+        "step_memory_mb": round(memory_mb, 1),
     }
 
 
@@ -182,7 +192,7 @@ def paired_speedup(records: Dict[str, List[dict]], faster: str, slower: str) -> 
                                    for a, b in zip(records[faster], records[slower])), 3)
 
 
-def report(args, runs, records, peaks) -> dict:
+def report(args, runs, records, peaks, memory) -> dict:
     run = next(iter(runs.values()))
     peak_rank = torch.tensor([statistics.median(peaks), max(peaks)], dtype=torch.float64, device=get_device())
     torch.distributed.all_reduce(peak_rank)  # each rank measured its own share of the machine
@@ -198,7 +208,7 @@ def report(args, runs, records, peaks) -> dict:
                  "micro_batch_pairs": args.micro_batch, "warmup_steps": args.warmup, "measured_steps": args.steps},
         "matmul_peak_gflop_per_s": {"median": round(peak_median / 1e9, 1), "max": round(peak_max / 1e9, 1),
                                     "size": args.peak_size or (8192 if torch.cuda.is_available() else 2048)},
-        "variants": {name: summarise(args, runs[name], records[name], peak_median) for name in runs},
+        "variants": {name: summarise(args, runs[name], records[name], peak_median, memory[name]) for name in runs},
         "speedup_tokens_per_s": {pair: paired_speedup(records, *pair.split("/"))
                                  for pair in args.compare or DEFAULT_COMPARE
                                  if all(name in runs for name in pair.split("/"))},
@@ -206,8 +216,8 @@ def report(args, runs, records, peaks) -> dict:
         "notes": "rates are medians over the measured steps; tokens_per_s counts non-pad tokens of "
                  "chosen + rejected (the prompt twice, as the padded form holds it); mfu = achieved / "
                  "median matmul peak (all ranks); phases are rank 0's; comm is time inside "
-                 "torch.distributed calls, included in the phases; step_memory_mb: GPU peak allocated, "
-                 "CPU peak RSS rise during a step (rank 0).",
+                 "torch.distributed calls, included in the phases; step_memory_mb (one extra step, rank 0): "
+                 "GPU peak allocated, CPU peak RSS rise during the step.",
     }
 
 
@@ -217,7 +227,7 @@ def main(comm: CommTimer, argv=None) -> None:
     with tempfile.TemporaryDirectory() as cache_dir:
         configs = variant_configs(args, cache_dir)
         runs = setup_runs(args, configs)
-        records, peaks = run_rounds(args, runs, comm)
-        result = report(args, runs, records, peaks)
+        records, peaks, memory = run_rounds(args, runs, comm)
+        result = report(args, runs, records, peaks, memory)
     if torch.distributed.get_rank() == 0:
         print(json.dumps(result, indent=1), flush=True)

@@ -8,9 +8,10 @@ them: transfers plus waiting for other ranks (pipeline bubbles and load
 imbalance show up here). Calls are counted whichever phase makes them.
 ``isend`` / ``irecv`` stay unwrapped (``P2POp`` accepts only the originals), so
 the interleaved pipeline's unbatched p2p (batch_p2p_comm=False) is missed. It is
-benchmark instrumentation: ``install()`` must run before megatron-core is
-imported (some of its modules keep references to these functions), and
-nothing in training installs it.
+benchmark instrumentation: ``install()`` (through
+``compat.instrument_collectives``, the project's one place that patches a
+library) must run before megatron-core is imported, and nothing in training
+installs it.
 """
 
 import functools
@@ -22,11 +23,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-_BLOCKING = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
-    "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "all_to_all_single", "barrier",
-    "send", "recv", "batch_isend_irecv",
-)
+from megatron_dpo.parallel import compat
+
 
 
 def synchronize() -> None:
@@ -82,8 +80,7 @@ class CommTimer:
         return timed
 
     def install(self) -> "CommTimer":
-        for name in _BLOCKING:
-            setattr(dist, name, self._wrap(getattr(dist, name)))
+        compat.instrument_collectives(self._wrap)
         return self
 
     def reset(self) -> None:
@@ -105,11 +102,22 @@ class PhaseTimer:
             self.seconds[phase] += time.perf_counter() - start
 
 
+def _release_free_heap() -> None:
+    """Hand freed malloc memory back to the OS (glibc), so that RSS rises with
+    what the next step allocates rather than staying at an earlier high."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.util.find_library("c")
+    if libc:
+        ctypes.CDLL(libc).malloc_trim(0)
+
+
 class PeakRss:
     """Peak resident set size while the context runs, sampled every
-    ``interval`` seconds by a thread (torch kernels release the GIL). Large CPU
-    tensors are mmap'd and handed back on free, so the rise over the starting
-    RSS is the step's own peak (activations, gradients)."""
+    ``interval`` seconds by a thread (torch kernels release the GIL). Free heap
+    is handed back first, so the rise over the starting RSS is what the
+    context itself allocates at its peak (activations, gradients, buffers)."""
 
     def __init__(self, interval: float = 0.005):
         import psutil
@@ -122,6 +130,7 @@ class PeakRss:
             self.peak = max(self.peak, self._process.memory_info().rss)
 
     def __enter__(self) -> "PeakRss":
+        _release_free_heap()
         self.start = self.peak = self._process.memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)

@@ -115,4 +115,6 @@ def test_peak_memory_of_conversion(tmp_path):
           f"export {extra['export'] / 2**20:.0f} MiB (baselines {imported['baseline_bytes'] / 2**20:.0f}, "
           f"{exported['baseline_bytes'] / 2**20:.0f} MiB)")
     assert extra["import"] < 2 * size
-    assert extra["export"] < 25 * 2**20 + 4 * largest
+    # Measured 93-107 MiB quiet and 133 MiB under load (malloc arenas vary): the bound
+    # is one output file plus a few copies of the largest tensor, well below the model.
+    assert extra["export"] < 25 * 2**20 + 6 * largest < size
