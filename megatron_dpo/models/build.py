@@ -6,7 +6,7 @@ the same function so that they share one parallel layout.
 """
 
 import importlib.util
-from typing import List, Optional
+from typing import List
 
 import torch
 
@@ -156,7 +156,3 @@ def layer_offset(model: torch.nn.Module) -> int:
 
     gpt = unwrap(model)
     return get_transformer_layer_offset(gpt.config, vp_stage=gpt.vp_stage)
-
-
-def chunk_vp_stage(model: torch.nn.Module) -> Optional[int]:
-    return unwrap(model).vp_stage

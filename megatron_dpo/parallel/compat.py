@@ -54,7 +54,6 @@ def _redirect_device_kwarg(factory):
             kwargs["device"] = "cpu"
         return factory(*args, **kwargs)
 
-    wrapper.__megatron_dpo_compat__ = True
     return wrapper
 
 

@@ -1,7 +1,6 @@
 """Data pipeline: tokenization masks and truncation, sampler, collate, demo data.
 Input formats and their errors: test_data_formats.py."""
 
-import json
 import os
 import subprocess
 import sys
