@@ -33,7 +33,7 @@ from megatron_dpo.models.source import ModelSource
 from megatron_dpo.parallel.init import ParallelContext, get_device
 from megatron_dpo.parallel.schedule import reference_pass
 from megatron_dpo.train import reference_cache
-from megatron_dpo.train.step import device_microbatches
+from megatron_dpo.train.step import device_microbatches, sum_last_stage_shares
 
 logger = logging.getLogger(__name__)
 
@@ -136,9 +136,5 @@ def compute_reference_logps(reference: List[torch.nn.Module], data: TokenizeResu
         if ctx.is_last_stage:
             call_logps = torch.cat([batch["reference_logps"] for batch in microbatches]).view(-1, 2)
             logps[chunk] = call_logps[:len(chunk)].float().cpu()
-    # Each pair was filled on one DP rank's last stage, zeros elsewhere: the
-    # sums over PP and DP are exact copies. TP ranks already agree.
-    logps = logps.to(get_device())
-    dist.all_reduce(logps, group=ctx.pp_group)
-    dist.all_reduce(logps, group=ctx.dp_group)
-    return logps.cpu()
+    # Each pair was filled on one DP rank's last stage, zeros elsewhere: the sum is an exact copy.
+    return sum_last_stage_shares(logps, ctx)

@@ -40,15 +40,20 @@ def num_real_tokens(pairs: List[TokenizedPair]) -> int:
     return sum(len(pair.chosen_ids) + len(pair.rejected_ids) for pair in pairs)
 
 
-def reduce_metrics(sums: torch.Tensor, num_tokens: int, ctx: ParallelContext) -> Dict[str, float]:
-    """Sum the last stage's per-pair sums over PP stages (zeros elsewhere) and DP
-    ranks, then divide by the global pair count. Every rank gets the result."""
-    values = torch.cat([sums, torch.tensor([float(num_tokens if ctx.is_last_stage else 0)], dtype=torch.float64)])
+def sum_last_stage_shares(values: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Every rank gets the sum over DP ranks of what each DP rank's last
+    pipeline stage holds (other stages hold zeros). TP ranks already agree,
+    so there is no reduction over TP."""
     values = values.to(get_device())
     dist.all_reduce(values, group=ctx.pp_group)
     dist.all_reduce(values, group=ctx.dp_group)
-    values = values.cpu()
-    # A TP group's ranks each hold the same sums; they were not reduced over TP.
+    return values.cpu()
+
+
+def reduce_metrics(sums: torch.Tensor, num_tokens: int, ctx: ParallelContext) -> Dict[str, float]:
+    """The global means of the per-pair sums (divided by the global pair count)."""
+    values = torch.cat([sums, torch.tensor([float(num_tokens if ctx.is_last_stage else 0)], dtype=torch.float64)])
+    values = sum_last_stage_shares(values, ctx)
     num_pairs = values[len(METRIC_SUMS)].item()
     metrics = {name: values[i].item() / num_pairs for i, name in enumerate(METRIC_SUMS)}
     metrics["num_pairs"] = num_pairs

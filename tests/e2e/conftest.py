@@ -25,11 +25,11 @@ def uninterrupted(tmp_path_factory):
     return records, os.path.join(str(tmp_path), "run")
 
 
-def assert_same_records(expected, actual, rel=1e-6, rel_by_metric=None):
+def assert_same_records(expected, actual, rel=1e-6, rel_by_metric=None, abs=None):
     """Same (step, split) sequence; every metric within ``rel`` (or its own
-    tolerance in ``rel_by_metric``) relative."""
+    tolerance in ``rel_by_metric``) relative, or ``abs`` absolute when given."""
     assert [(r["step"], r["split"]) for r in actual] == [(r["step"], r["split"]) for r in expected]
     for want, got in zip(expected, actual):
         for name in want.keys() - set(UNCOMPARED):
             tolerance = (rel_by_metric or {}).get(name, rel)
-            assert got[name] == pytest.approx(want[name], rel=tolerance), (want["step"], name)
+            assert got[name] == pytest.approx(want[name], rel=tolerance, abs=abs), (want["step"], name)
