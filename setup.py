@@ -12,6 +12,8 @@ setup(
         "megatron-core==0.16.1",
         # dist_checkpointing's async writer needs psutil; without it a save hangs.
         "psutil",
+        # checkpoint manifests: xxh3-128 checksums at memory speed (already a dependency of datasets).
+        "xxhash>=2.0",
         "omegaconf>=2.3",
         "datasets>=2.19",
         "transformers>=4.45",

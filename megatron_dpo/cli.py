@@ -10,6 +10,7 @@ from typing import Callable, List, Optional
 
 from megatron_dpo.config import ConfigError, load_config
 from megatron_dpo.data import DataError
+from megatron_dpo.checkpoint.errors import CheckpointSaveError
 from megatron_dpo.train.errors import NonFiniteError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "dpo.yaml")
@@ -50,6 +51,10 @@ def _is_rank0() -> bool:
 
 def run_dpo(argv: Optional[List[str]] = None) -> int:
     """Train. Returns the process exit code."""
+    from megatron_dpo.train.lifetime import end_with_parent
+
+    end_with_parent()
+
     def train(cfg):
         from megatron_dpo.train.loop import train
 
@@ -71,12 +76,16 @@ def precompute_reference(argv: Optional[List[str]] = None) -> int:
 
 def _main(argv: Optional[List[str]], description: str, action: Callable) -> int:
     """Load the config, run ``action(cfg)``; a user error exits 2 with its message,
-    a diverged run (NonFiniteError) 3."""
+    a diverged run (NonFiniteError) 3, a checkpoint that could not be written 4."""
+    from megatron_dpo.loss.registry import check_loss_config
+
     _quiet_library_warnings()
     logging.basicConfig(level=logging.INFO if _is_rank0() else logging.WARNING, format="%(message)s")
     try:
         path, overrides = _parse(argv, description)
-        action(load_config(path, overrides))
+        cfg = load_config(path, overrides)
+        check_loss_config(cfg.loss_fn)
+        action(cfg)
     except (ConfigError, DataError) as error:
         if _is_rank0():
             print(f"error: {error}", file=sys.stderr)
@@ -85,6 +94,10 @@ def _main(argv: Optional[List[str]], description: str, action: Callable) -> int:
         if _is_rank0():
             print(f"error: {error}", file=sys.stderr)
         return 3
+    except CheckpointSaveError as error:
+        if _is_rank0():
+            print(f"error: {error}", file=sys.stderr)
+        return 4
     finally:
         from megatron_dpo.parallel.init import shutdown
 
@@ -102,6 +115,8 @@ def validate_config(argv: Optional[List[str]] = None) -> int:
     """Check a config for a world size without running it (no GPUs, no
     weights): print the layout, the batch arithmetic and a per-GPU memory
     estimate. Returns the exit code: 0 valid, 2 invalid (the reason on stderr)."""
+    from megatron_dpo.loss.registry import check_loss_config
+
     parser = _parser("Check a config for a world size without running it.", "python -m megatron_dpo.cli validate-config")
     parser.add_argument("--world-size", type=_positive_int, required=True,
                         help="GPUs (ranks) the run uses: nodes x GPUs per node")
@@ -111,7 +126,9 @@ def validate_config(argv: Optional[List[str]] = None) -> int:
     _quiet_library_warnings()
     path = _config_path(args.config)
     try:
-        _print_plan(load_config(path, args.overrides), args.world_size, args.gpu_memory_gib)
+        cfg = load_config(path, args.overrides)
+        check_loss_config(cfg.loss_fn)
+        _print_plan(cfg, args.world_size, args.gpu_memory_gib)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -124,17 +141,19 @@ def _count(num: int) -> str:
 
 
 def _print_plan(cfg, world_size: int, gpu_memory_gib: float) -> None:
-    from megatron_dpo.config.validate import resolve_layout, resolve_val_num_microbatches
+    from megatron_dpo.checkpoint.source import resolve_architecture
+    from megatron_dpo.config.validate import resolve_val_num_microbatches
     from megatron_dpo.data import split_paths
-    from megatron_dpo.models.known import resolve_architecture
     from megatron_dpo.models.memory import GIB, estimate_memory, stage_parameters
+    from megatron_dpo.parallel.dims import ParallelDims
 
     policy = cfg.policy
     arch, origin = resolve_architecture(policy)
     total_params = sum(stage_parameters(arch, 1, 1))
     print(f"model: {origin}\n  {arch.num_layers} layers, hidden {arch.hidden_size}, {arch.num_attention_heads} heads, "
           f"{arch.num_query_groups} query groups, vocab {arch.vocab_size}: {_count(total_params)} parameters")
-    layout = resolve_layout(policy, world_size, arch.num_layers, arch.num_attention_heads, arch.num_query_groups)
+    layout = ParallelDims.resolve(policy, world_size, arch.num_layers, arch.num_attention_heads,
+                                  arch.num_query_groups)
     megatron_cfg = policy.megatron_cfg
     print(f"layout: world {world_size} = TP {layout.tp_size} x PP {layout.pp_size} x DP {layout.dp_size}"
           f" (virtual pipeline {layout.vpp_size}, sequence parallel {megatron_cfg.sequence_parallel})")

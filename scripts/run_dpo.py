@@ -11,3 +11,7 @@ from megatron_dpo.cli import run_dpo
 # The guard matters: dist_checkpointing's writer re-imports the main module.
 if __name__ == "__main__":
     sys.exit(run_dpo())
+elif __name__ == "__mp_main__":  # a helper process a rank spawned: it ends with the rank
+    from megatron_dpo.train.lifetime import end_with_spawning_parent
+
+    end_with_spawning_parent()

@@ -1,16 +1,8 @@
 """Policy + optimizer state as megatron-core distributed checkpoints.
 
 Saved tensors are keyed by global names and offsets, so a checkpoint written
-at one TP/PP/VPP layout loads into any other (reshard on load).
-
-Layout of ``results/dpo/step_N/``::
-
-    policy/            dist_checkpointing dir: {"model"|"model0".., "optimizer"}
-    train_state.json   step, sampler position, scheduler, counters, fingerprints
-    rng_rank{R}.pt     per-rank RNG states (tensors only: torch.load weights_only)
-    config.yaml        the resolved config of the run
-    model_arch.json    the architecture (lets policy.model_name point here)
-    tokenizer/         the tokenizer files
+at one TP/PP/VPP layout loads into any other (reshard on load). This is the
+``policy/`` directory of a step directory (checkpoint/files.py).
 """
 
 from typing import Dict, List, Optional

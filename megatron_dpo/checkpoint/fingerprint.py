@@ -10,8 +10,9 @@ token ids the model trains on, so it also changes with the chat template,
 
 import hashlib
 import json
-from array import array
 from typing import Dict, List
+
+from megatron_dpo.data.fingerprint import pairs_fingerprint
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -26,16 +27,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def data_fingerprint(pairs) -> str:
     """Of a list of TokenizedPair, in order: token ids, prompt lengths and
     ground-truth rewards (not cached reference log-probs: a recomputed cache
-    may differ in the last bits)."""
-    digest = hashlib.sha256()
-    for pair in pairs:
-        lengths = [len(pair.chosen_ids), len(pair.rejected_ids), pair.chosen_prompt_len, pair.rejected_prompt_len]
-        digest.update(array("q", lengths).tobytes())
-        digest.update(array("q", pair.chosen_ids).tobytes())
-        digest.update(array("q", pair.rejected_ids).tobytes())
-        rewards = [pair.chosen_reward, pair.rejected_reward]
-        digest.update(array("d", [float("nan") if r is None else r for r in rewards]).tobytes())
-    return digest.hexdigest()
+    may differ in the last bits). A tokenized data set carries the same value
+    as ``.fingerprint``."""
+    return pairs_fingerprint(pairs)
 
 
 def arch_differences(saved: Dict[str, object], current: Dict[str, object]) -> List[str]:

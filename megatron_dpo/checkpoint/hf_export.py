@@ -14,14 +14,20 @@ plus one tensor.
 Collective over the default process group. The script runs it as a world of
 one; at the end of training rank r writes files r, r + W, ..., rank 0 the
 config, generation config, tokenizer and index; the directory appears complete
-(renamed from ``<out>.partial``).
+(renamed from ``.<out>.megatron_dpo_partial``).
+
+User files are never touched: an export directory carries the marker file
+``.megatron_dpo_export``; an existing target is replaced only when it carries
+it (or is empty), the directory that held it is moved aside and only then
+deleted, and the work directories beside it (``.<out>.megatron_dpo_partial``,
+``.<out>.megatron_dpo_old``) are deleted only when they carry the marker too.
 """
 
 import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -29,9 +35,10 @@ import torch.distributed as dist
 from megatron_dpo.models import weights
 from megatron_dpo.models.architecture import ModelArchitecture
 from megatron_dpo.models.conversion import ConversionError, hf_io, llama, registry
-from megatron_dpo.models.source import ARCH_FILE
+from megatron_dpo.checkpoint.files import ARCH_FILE, TOKENIZER_DIR, is_model_dir, policy_dir
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+EXPORT_MARKER = ".megatron_dpo_export"
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 _VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
@@ -48,7 +55,7 @@ class _Slot:
 
 def read_architecture(checkpoint_dir: str) -> ModelArchitecture:
     path = os.path.join(checkpoint_dir, ARCH_FILE)
-    if not os.path.isfile(path) or not os.path.isdir(os.path.join(checkpoint_dir, "policy")):
+    if not is_model_dir(checkpoint_dir):
         raise ConversionError(
             f"'{checkpoint_dir}' is not a megatron_dpo checkpoint (needs {ARCH_FILE} and policy/): "
             "point to a step_N/ directory or a converted checkpoint."
@@ -135,19 +142,54 @@ def _hf_tensors(names: List[str], tensors: Dict[str, torch.Tensor], arch: ModelA
     return hf
 
 
-def check_export_dir(out_dir: str) -> None:
-    """The target must be absent, empty, or an earlier HF export (replaced)."""
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, hf_io.CONFIG_FILE)):
+def _is_ours_or_empty(directory: str) -> bool:
+    return os.path.isdir(directory) and (
+        os.path.isfile(os.path.join(directory, EXPORT_MARKER)) or not os.listdir(directory))
+
+
+def _work_dir(out_dir: str, purpose: str) -> str:
+    """``.<name>.megatron_dpo_<purpose>`` beside ``out_dir`` (purpose: partial, old)."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    return os.path.join(parent, f".{name}.megatron_dpo_{purpose}")
+
+
+def check_export_dir(out_dir: str, source_dirs: Sequence[str] = ()) -> None:
+    """Refuse an export target unless it is new, empty or an earlier export
+    of ours (marker), and is none of ``source_dirs`` (the model and the
+    checkpoints the run reads) or a directory above one. Call it before training."""
+    target = os.path.realpath(out_dir)
+    for source in source_dirs:
+        real_source = os.path.realpath(source)
+        if real_source == target or real_source.startswith(target.rstrip(os.sep) + os.sep):
+            raise ConversionError(
+                f"Export directory '{out_dir}' would replace '{source}', which this run reads: pick a new directory."
+            )
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise ConversionError(f"Export directory '{out_dir}' is a file: pick a new or empty directory.")
+    if os.path.isdir(out_dir) and not _is_ours_or_empty(out_dir):
         raise ConversionError(
-            f"Export directory '{out_dir}' is not empty and holds no {hf_io.CONFIG_FILE} (not an earlier "
-            "export): refusing to replace it. Pick a new or empty directory."
+            f"Export directory '{out_dir}' is not empty and has no {EXPORT_MARKER} marker (megatron_dpo did not "
+            "export to it): refusing to replace it. Pick a new or empty directory."
         )
+    for work in (_work_dir(out_dir, "partial"), _work_dir(out_dir, "old")):
+        if os.path.lexists(work) and not _is_ours_or_empty(work):
+            raise ConversionError(
+                f"'{work}' (the exporter's work directory for '{out_dir}') holds files megatron_dpo did not write: "
+                "move it away, or pick another export directory."
+            )
+
+
+def _remove_ours(directory: str) -> None:
+    """Delete a work directory left by an earlier export (check_export_dir made sure it is ours)."""
+    if os.path.lexists(directory):
+        assert _is_ours_or_empty(directory), directory
+        shutil.rmtree(directory)
 
 
 def _write_metadata(tmp: str, checkpoint_dir: str, arch: ModelArchitecture, dtype: torch.dtype) -> None:
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(checkpoint_dir, "tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(checkpoint_dir, TOKENIZER_DIR))
     tokenizer.save_pretrained(tmp)
     fields = registry.hf_config_from_architecture(arch)
     config = AutoConfig.for_model(
@@ -159,33 +201,38 @@ def _write_metadata(tmp: str, checkpoint_dir: str, arch: ModelArchitecture, dtyp
 
 
 def _publish(tmp: str, out_dir: str) -> None:
-    old = out_dir.rstrip("/") + ".old"
+    """Replace ``out_dir`` by ``tmp``; the old directory is deleted only once it is out of the way."""
+    check_export_dir(out_dir)  # again: files may have appeared there since the run started
+    old = _work_dir(out_dir, "old")
+    _remove_ours(old)
     if os.path.isdir(out_dir):
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_ours(old)
 
 
 def megatron_to_hf(checkpoint_dir: str, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
     """Collective (see the module docstring). Returns ``out_dir``."""
     arch = read_architecture(checkpoint_dir)
-    check_export_dir(out_dir)
-    policy_dir = os.path.join(checkpoint_dir, "policy")
-    slots = _slots(policy_dir, arch)
-    _check_slots(slots, arch, policy_dir)
+    check_export_dir(out_dir, (checkpoint_dir,))
+    policy_path = policy_dir(checkpoint_dir)
+    slots = _slots(policy_path, arch)
+    _check_slots(slots, arch, policy_path)
     names = weights.canonical_names(arch)
     nbytes = {n: slots[n].dtype.itemsize * torch.Size(_hf_shape(n, slots[n].shape, arch)).numel() for n in names}
     shards = _plan(names, nbytes, max_shard_bytes)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    tmp = out_dir.rstrip("/") + ".partial"
+    tmp = _work_dir(out_dir, "partial")
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_ours(tmp)
         os.makedirs(tmp)
+        with open(os.path.join(tmp, EXPORT_MARKER), "w") as handle:
+            json.dump({"created_by": "megatron_dpo", "checkpoint": os.path.abspath(checkpoint_dir)}, handle)
     dist.barrier()
     for first in range(0, len(shards), world_size):
         index = first + rank
         mine = shards[index] if index < len(shards) else []
-        tensors = _load(policy_dir, slots, mine)
+        tensors = _load(policy_path, slots, mine)
         if mine:
             file = os.path.join(tmp, hf_io.shard_file_name(index, len(shards)))
             hf_io.save_shard(file, _hf_tensors(mine, tensors, arch))

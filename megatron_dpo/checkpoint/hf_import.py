@@ -5,7 +5,7 @@ The output has a training step directory's layout (``policy/`` with key
 loads it at any TP/PP/VPP (dist_checkpointing reshards on load).
 
 Design: one process builds the model at TP1/PP1, streams the HF tensors into
-it one at a time (``models.source``), and saves it with the same
+it one at a time (``checkpoint.source``), and saves it with the same
 ``save_policy`` training uses, so the files are exactly what a TP1 run would
 write. Peak memory is one copy of the model in the checkpoint's dtype (bf16
 stays bf16; fp16, which megatron_dpo does not train in, is widened to fp32),
@@ -20,9 +20,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_dpo.checkpoint.dist import save_policy
+from megatron_dpo.checkpoint.files import ARCH_FILE, TOKENIZER_DIR, policy_dir
+from megatron_dpo.checkpoint.source import ModelSource, hf_architecture, load_source_weights
 from megatron_dpo.models.build import build_model
 from megatron_dpo.models.conversion import ConversionError, hf_io
-from megatron_dpo.models.source import ARCH_FILE, ModelSource, hf_architecture, load_weights
+from megatron_dpo.parallel.dims import ParallelDims
 from megatron_dpo.parallel.init import init_parallel
 
 _PRECISIONS = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float32"}
@@ -51,18 +53,19 @@ def hf_to_megatron(hf_dir: str, out_dir: str) -> str:
         raise ConversionError(f"Output directory '{out_dir}' exists and is not empty; remove it or pick another --out.")
     arch = hf_architecture(hf_dir)
     tokenizer = _load_tokenizer(hf_dir)  # before the slow part: fail early
-    precision = _precision(hf_io.HFCheckpoint(hf_dir).dtype(), hf_dir)
-    ctx = init_parallel(1, 1, None, seed=0)
-    chunks = build_model(arch, ctx, precision, trainable=False)
-    load_weights(chunks, ModelSource("hf", hf_dir, arch, hf_dir), ctx, seed=0)
+    with hf_io.HFCheckpoint(hf_dir) as checkpoint:
+        precision = _precision(checkpoint.dtype(), hf_dir)
+    dims = init_parallel(ParallelDims.of_sizes(world_size=1), seed=0)
+    chunks = build_model(arch, dims, precision, trainable=False)
+    load_source_weights(chunks, ModelSource("hf", hf_dir, arch, hf_dir), dims, seed=0)
     tmp = out_dir.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, "policy"))
-    save_policy(chunks, None, os.path.join(tmp, "policy"))
+    os.makedirs(policy_dir(tmp))
+    save_policy(chunks, None, policy_dir(tmp))
     del chunks
     with open(os.path.join(tmp, ARCH_FILE), "w") as handle:
         json.dump(arch.to_dict(), handle, indent=2, sort_keys=True)
-    tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    tokenizer.save_pretrained(os.path.join(tmp, TOKENIZER_DIR))
     if os.path.isdir(out_dir):
         os.rmdir(out_dir)  # empty, checked above
     os.replace(tmp, out_dir)

@@ -7,15 +7,10 @@ pickled objects. The streams belong to a rank of one layout, so they are
 restored only when the layout is unchanged.
 """
 
-import os
-
 import torch
 
+from megatron_dpo.checkpoint.files import rng_file
 from megatron_dpo.parallel import compat
-
-
-def rng_path(directory: str, rank: int) -> str:
-    return os.path.join(directory, f"rng_rank{rank}.pt")
 
 
 def save_rng(directory: str, rank: int) -> None:
@@ -24,13 +19,13 @@ def save_rng(directory: str, rank: int) -> None:
     state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
     if compat.cuda_available():
         state["cuda"] = torch.cuda.get_rng_state()
-    torch.save(state, rng_path(directory, rank))
+    torch.save(state, rng_file(directory, rank))
 
 
 def load_rng(directory: str, rank: int) -> None:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    state = torch.load(rng_path(directory, rank), weights_only=True)
+    state = torch.load(rng_file(directory, rank), weights_only=True)
     torch.set_rng_state(state["cpu"])
     get_cuda_rng_tracker().set_states(state["tracker"])
     if compat.cuda_available():

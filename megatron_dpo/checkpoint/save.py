@@ -1,39 +1,49 @@
 """Step directories under ``checkpointing.checkpoint_dir``: written atomically, pruned.
 
-Every rank writes its shards into ``.tmp_step_N/``; after a barrier rank 0
-writes the small files (``train_state.json`` last) and renames the directory
-to ``step_N/`` with one ``os.replace`` (atomic within a file system). A
-reader therefore only ever sees complete step directories. A process killed
+Every rank writes its shards into ``.tmp_step_N/`` and hashes them while they
+are in its page cache; after a barrier rank 0 writes the small files, then
+the manifest of every file (checkpoint/manifest.py) last, and renames the
+directory to ``step_N/`` with one ``os.replace`` (atomic within a file
+system). A reader therefore only ever sees complete step directories, and can
+check every byte of one against its manifest. A process killed
 mid-save leaves a ``.tmp_*`` directory: ``remove_incomplete`` deletes it
 before the next run looks for a checkpoint. Pruning renames a directory to
 ``.tmp_*`` before deleting it, so a kill mid-delete leaves no half step dir.
+File names: checkpoint/files.py.
 """
 
 import json
+import math
 import os
-import re
 import shutil
+from dataclasses import dataclass
 from typing import List, Optional
 
+import torch
 import torch.distributed as dist
 
 from megatron_dpo.checkpoint.dist import save_policy
+from megatron_dpo.checkpoint.errors import CheckpointSaveError
+from megatron_dpo.checkpoint.files import (
+    ARCH_FILE, CONFIG_FILE, STEP_DIR, TMP_PREFIX, TOKENIZER_DIR, TRAIN_STATE_FILE, is_complete, policy_dir,
+    rank_files, step_dir, tmp_step_dir,
+)
+from megatron_dpo.checkpoint.manifest import file_entries, write_manifest
 from megatron_dpo.checkpoint.rng import save_rng
 from megatron_dpo.config.load import save_config
-from megatron_dpo.config.schema import CheckpointingConfig
-from megatron_dpo.models.source import ARCH_FILE
-
-STEP_DIR = re.compile(r"^step_(\d+)$")
-TRAIN_STATE_FILE = "train_state.json"
-TMP_PREFIX = ".tmp_"
+from megatron_dpo.config.schema import CheckpointingConfig, Config
+from megatron_dpo.models.architecture import ModelArchitecture
 
 
-def step_dir(checkpoint_dir: str, step: int) -> str:
-    return os.path.join(checkpoint_dir, f"step_{step}")
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a step directory records besides the training state, so that it
+    can serve as ``policy.model_name``: the resolved config, the
+    architecture and the tokenizer."""
 
-
-def is_complete(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, TRAIN_STATE_FILE))
+    config: Config
+    arch: ModelArchitecture
+    tokenizer: object
 
 
 def complete_steps(checkpoint_dir: str) -> List[int]:
@@ -69,49 +79,103 @@ def remove_incomplete(checkpoint_dir: str) -> List[str]:
     return names
 
 
-def save_checkpoint(run, step: int, train_state: dict) -> str:
-    """Collective. Writes ``step_N/`` for the run's policy, optimizer and state."""
-    checkpoint_dir = run.cfg.checkpointing.checkpoint_dir
-    final = step_dir(checkpoint_dir, step)
-    tmp = os.path.join(checkpoint_dir, f"{TMP_PREFIX}step_{step}")
-    if run.ctx.is_rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "policy"))
-    dist.barrier()
-    save_policy(run.policy, run.optimizer, os.path.join(tmp, "policy"))
-    save_rng(tmp, run.ctx.rank)
-    dist.barrier()
-    if run.ctx.is_rank0:
-        save_config(run.cfg, os.path.join(tmp, "config.yaml"))
-        _write_json(os.path.join(tmp, ARCH_FILE), run.arch.to_dict())
-        run.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-        _write_json(os.path.join(tmp, TRAIN_STATE_FILE), dict(train_state, scheduler=run.scheduler.state_dict()))
-        # Fails loudly rather than replace an existing step_N (resume moves
-        # newer step dirs aside, so a run never saves a step twice).
-        os.replace(tmp, final)
-    dist.barrier()
+def save_checkpoint(checkpoint_dir: str, step: int, chunks: List[torch.nn.Module], optimizer, scheduler,
+                    train_state: dict, rank: int, model_files: ModelFiles) -> str:
+    """Collective. Writes ``step_N/`` with the policy chunks, the optimizer and
+    scheduler state, ``train_state`` and ``model_files``; returns its path.
+    A write that fails on any rank (a full disk, a quota) raises
+    CheckpointSaveError on every rank, with the half-written directory removed."""
+    final, tmp = step_dir(checkpoint_dir, step), tmp_step_dir(checkpoint_dir, step)
+    problem = _on_every_rank(lambda: _prepare_tmp(tmp) if rank == 0 else None)
+    if problem is None:
+        problem = _on_every_rank(lambda: _write_shards(tmp, rank, chunks, optimizer))
+    if problem is None:
+        entries = [None] * dist.get_world_size()
+        dist.all_gather_object(entries, file_entries(tmp, rank_files(tmp, rank)))
+        problem = _on_every_rank(lambda: _publish(tmp, final, entries, train_state, scheduler, model_files)
+                                 if rank == 0 else None)
+    if problem is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        raise CheckpointSaveError(f"could not write checkpoint step_{step} in {checkpoint_dir}: {problem}")
     return final
 
 
+def _on_every_rank(action) -> Optional[str]:
+    """Collective: run ``action``; every rank learns the first failure (an
+    OSError, or dist_checkpointing's own errors, which wrap them)."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    problem = None
+    try:
+        action()
+    except (OSError, CheckpointingException, CheckpointException) as error:
+        problem = f"{type(error).__name__}: {str(error)[:1000]}"
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p is not None), None)
+
+
+def _prepare_tmp(tmp: str) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(policy_dir(tmp))
+
+
+def _write_shards(tmp: str, rank: int, chunks: List[torch.nn.Module], optimizer) -> None:
+    save_policy(chunks, optimizer, policy_dir(tmp))
+    save_rng(tmp, rank)
+
+
+def _publish(tmp: str, final: str, entries: List[dict], train_state: dict, scheduler,
+             model_files: ModelFiles) -> None:
+    """Rank 0: the small files, the manifest last, then the rename."""
+    save_config(model_files.config, os.path.join(tmp, CONFIG_FILE))
+    _write_json(os.path.join(tmp, ARCH_FILE), model_files.arch.to_dict())
+    model_files.tokenizer.save_pretrained(os.path.join(tmp, TOKENIZER_DIR))
+    _write_json(os.path.join(tmp, TRAIN_STATE_FILE), dict(train_state, scheduler=scheduler.state_dict()))
+    write_manifest(tmp, {name: entry for rank_entries in entries for name, entry in rank_entries.items()})
+    # Fails loudly rather than replace an existing step_N (resume moves newer
+    # step dirs aside, so a run never saves a step twice).
+    os.replace(tmp, final)
+
+
+def _metric(value) -> Optional[float]:
+    """A recorded metric, or None when missing or not finite (json_safe saves NaN/inf as null)."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def _ranked(checkpoint_dir: str, steps: List[int], cfg: CheckpointingConfig) -> List[int]:
-    """Steps best first: by ``metric_name`` (steps without it last), else newest first."""
+    """Steps best first: by ``metric_name`` (steps without a finite value last), else newest first."""
     newest_first = sorted(steps, reverse=True)
     if cfg.metric_name is None:
         return newest_first
-    values = {s: read_train_state(step_dir(checkpoint_dir, s)).get("metrics", {}).get(cfg.metric_name)
+    values = {s: _metric(read_train_state(step_dir(checkpoint_dir, s)).get("metrics", {}).get(cfg.metric_name))
               for s in newest_first}
     sign = -1.0 if cfg.higher_is_better else 1.0
     with_metric = sorted((s for s in newest_first if values[s] is not None), key=lambda s: sign * values[s])
     return with_metric + [s for s in newest_first if values[s] is None]
 
 
+def _newest_finite(checkpoint_dir: str, steps: List[int]) -> Optional[int]:
+    """The newest step whose recorded metrics are all finite (a run never saves
+    a non-finite step, but a directory may hold older checkpoints)."""
+    for step in sorted(steps, reverse=True):
+        metrics = read_train_state(step_dir(checkpoint_dir, step)).get("metrics", {})
+        if all(_metric(value) is not None for value in metrics.values()):
+            return step
+    return None
+
+
 def prune_checkpoints(cfg: CheckpointingConfig) -> List[int]:
-    """Keep the ``keep_top_k`` best step dirs plus the newest; returns the steps removed.
-    Rank 0 only."""
+    """Keep the ``keep_top_k`` best step dirs, the newest and the newest
+    finite one; returns the steps removed. Rank 0 only."""
     steps = complete_steps(cfg.checkpoint_dir)
     if cfg.keep_top_k is None or not steps:
         return []
     keep = set(_ranked(cfg.checkpoint_dir, steps, cfg)[:cfg.keep_top_k]) | {steps[-1]}
+    keep.add(_newest_finite(cfg.checkpoint_dir, steps))
     removed = [s for s in steps if s not in keep]
     for step in removed:
         doomed = os.path.join(cfg.checkpoint_dir, f"{TMP_PREFIX}removing_step_{step}")

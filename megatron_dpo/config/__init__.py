@@ -18,11 +18,11 @@ from megatron_dpo.config.schema import (
     TokenizerConfig,
     WandbConfig,
 )
-from megatron_dpo.config.validate import ParallelLayout, resolve_layout, resolve_val_num_microbatches
+from megatron_dpo.config.validate import check_layout, resolve_val_num_microbatches
 
 __all__ = [
     "CHOICES", "CheckpointingConfig", "Config", "ConfigError", "DataConfig", "DPOConfig",
-    "LoggerConfig", "LossConfig", "MegatronConfig", "OptimizerConfig", "ParallelLayout",
+    "LoggerConfig", "LossConfig", "MegatronConfig", "OptimizerConfig",
     "PolicyConfig", "ReferenceConfig", "SchedulerConfig", "TokenizerConfig", "WandbConfig", "config_to_dict",
-    "load_config", "resolve_layout", "resolve_val_num_microbatches", "save_config",
+    "check_layout", "load_config", "resolve_val_num_microbatches", "save_config",
 ]

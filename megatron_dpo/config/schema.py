@@ -101,11 +101,15 @@ class DataConfig:
     # "val/<name>" (beside val_data_path's "val").
     val_data_paths: Dict[str, str] = field(default_factory=dict)
     # What to do with a pair longer than policy.max_total_sequence_length:
-    # "drop" (skip it, counted and logged) or "truncate" (cut prompt tokens,
-    # then the completions' ends).
+    # "drop" (skip it, counted and logged), "truncate" (cut prompt tokens,
+    # the same from both sequences, then the completions' ends) or
+    # "truncate_sequence" (TRL's: cut each of prompt+chosen, prompt+rejected
+    # on its own, as truncation_mode says).
     overlength_policy: str = "truncate"
-    # Which part of a truncated prompt survives: keep_end (cut its start,
-    # after BOS) | keep_start (cut its end).
+    # truncate: which part of the prompt survives, keep_end (cut its start,
+    # after BOS) | keep_start (cut its end). truncate_sequence: TRL's meaning,
+    # keep_start (cut each sequence's end; a pair whose prompt alone fills the
+    # length is dropped) | keep_end (cut each sequence's start).
     truncation_mode: str = "keep_end"
     # Padding-free micro-batches: the pairs of a micro-batch back to back in
     # one row, attention confined to each sequence (data/packing.py).
@@ -113,6 +117,11 @@ class DataConfig:
     # Each pair as one packed segment [prompt, chosen, rejected]: the prompt is
     # computed once for both completions (implies packing).
     prefix_sharing: bool = False
+    # Where each data set is tokenized once (memory-mapped Arrow, keyed by the
+    # file, tokenizer, length and truncation settings) and reused on restarts;
+    # None: <checkpointing.checkpoint_dir>/tokenized_cache. One process builds
+    # it while the others on the same file system wait.
+    cache_dir: Optional[str] = None
 
 
 @dataclass
@@ -152,6 +161,12 @@ class CheckpointingConfig:
     resume: str = "auto"
     # Resume although the tokenizer or training data differ from the checkpoint's.
     allow_config_change: bool = False
+    # How a step dir is checked against its manifest before a resume: "full"
+    # (sizes and xxh3 checksums: one read of the checkpoint, split over the
+    # ranks) or "size" (one stat per file). A step that fails verification or
+    # loading is moved aside as step_N.corrupt; the run continues from the
+    # previous complete step.
+    verify: str = "full"
     # Wall-clock budget "HH:MM:SS" (or NeMo RL's "DD:HH:MM:SS") from process
     # start: save and exit 0 before it runs out. None: no budget.
     checkpoint_must_save_by: Optional[str] = None
@@ -206,12 +221,10 @@ CHOICES: Dict[str, tuple] = {
     "policy.megatron_cfg.scheduler.lr_decay_style": (
         "constant", "linear", "cosine", "inverse-square-root",
     ),
-    "loss_fn.preference_loss": (
-        "dpo", "robust", "ipo", "ipo_sum", "hinge", "exo_pair", "discopop",
-        "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
-        "rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl",
-    ),
-    "data.overlength_policy": ("drop", "truncate"),
+    # loss_fn.preference_loss: the names are the loss registry's, checked by
+    # megatron_dpo.loss.registry.check_loss_config (loss sits above config).
+    "data.overlength_policy": ("drop", "truncate", "truncate_sequence"),
     "data.truncation_mode": ("keep_end", "keep_start"),
     "reference.mode": ("online", "cached", "none"),
+    "checkpointing.verify": ("size", "full"),
 }

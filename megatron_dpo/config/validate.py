@@ -1,14 +1,15 @@
 """Cross-field checks that need the world size or the model's shape.
 
-``resolve_layout`` turns the policy's parallel sizes plus WORLD_SIZE into one
-``ParallelLayout``, or raises a ``ConfigError`` stating the numbers and the fix
-(torchtitan style) before megatron-core gets to fail with a bare assert deep in
-model build or the pipeline schedule.
+``check_layout`` checks the policy's parallel sizes against WORLD_SIZE and the
+model and derives the data-parallel size and micro-batch count, or raises a
+``ConfigError`` stating the numbers and the fix (torchtitan style) before
+megatron-core gets to fail with a bare assert deep in model build or the
+pipeline schedule. ``parallel.dims.ParallelDims.resolve`` wraps it into the
+run's one layout object.
 """
 
 import math
-from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from megatron_dpo.config.errors import ConfigError
 from megatron_dpo.config.schema import DPOConfig, PolicyConfig
@@ -19,24 +20,15 @@ _VPP_KEY = "policy.megatron_cfg.virtual_pipeline_model_parallel_size"
 _SP_KEY = "policy.megatron_cfg.sequence_parallel"
 
 
-@dataclass(frozen=True)
-class ParallelLayout:
-    world_size: int
-    tp_size: int
-    pp_size: int
-    dp_size: int  # world_size // (tp_size * pp_size)
-    num_microbatches: int  # per training step per DP rank: global / (micro * dp)
-    vpp_size: Optional[int]  # model chunks per pipeline rank; None: no interleaving
-
-
-def resolve_layout(
+def check_layout(
     policy_cfg: PolicyConfig,
     world_size: int,
     num_layers: int,
     num_attention_heads: int,
     num_query_groups: int,
-) -> ParallelLayout:
-    """Check the parallel sizes against the world and the model; derive DP and micro-batch count."""
+) -> Tuple[int, int]:
+    """Check the parallel sizes against the world and the model; returns
+    (data-parallel size, micro-batches per step per DP rank)."""
     megatron_cfg = policy_cfg.megatron_cfg
     tp, pp = megatron_cfg.tensor_model_parallel_size, megatron_cfg.pipeline_model_parallel_size
     vpp = megatron_cfg.virtual_pipeline_model_parallel_size
@@ -48,18 +40,19 @@ def resolve_layout(
         "policy.train_global_batch_size", policy_cfg.train_global_batch_size,
         "policy.train_micro_batch_size", policy_cfg.train_micro_batch_size, dp,
     )
-    layout = ParallelLayout(world_size, tp, pp, dp, num_microbatches, vpp)
-    _check_interleaved_microbatches(layout, num_microbatches, "policy.train_global_batch_size")
-    return layout
+    _check_interleaved_microbatches(pp, vpp, dp, num_microbatches, "policy.train_global_batch_size")
+    return dp, num_microbatches
 
 
-def resolve_val_num_microbatches(dpo_cfg: DPOConfig, layout: ParallelLayout) -> int:
-    """Micro-batches per validation step per DP rank, checked like the training batch."""
+def resolve_val_num_microbatches(dpo_cfg: DPOConfig, dims) -> int:
+    """Micro-batches per validation step per DP rank, checked like the training
+    batch. ``dims``: the run's ``ParallelDims`` (its dp, pp and vpp sizes)."""
     num_microbatches = _num_microbatches(
         "dpo.val_global_batch_size", dpo_cfg.val_global_batch_size,
-        "dpo.val_micro_batch_size", dpo_cfg.val_micro_batch_size, layout.dp_size,
+        "dpo.val_micro_batch_size", dpo_cfg.val_micro_batch_size, dims.dp_size,
     )
-    _check_interleaved_microbatches(layout, num_microbatches, "dpo.val_global_batch_size")
+    _check_interleaved_microbatches(dims.pp_size, dims.vpp_size, dims.dp_size, num_microbatches,
+                                    "dpo.val_global_batch_size")
     return num_microbatches
 
 
@@ -134,12 +127,15 @@ def _num_microbatches(global_key: str, global_size: int, micro_key: str, micro_s
     return global_size // per_step
 
 
-def _check_interleaved_microbatches(layout: ParallelLayout, num_microbatches: int, global_key: str) -> None:
-    """megatron-core's interleaved schedule needs at least PP micro-batches per step."""
-    if layout.vpp_size is not None and num_microbatches < layout.pp_size:
+def _check_interleaved_microbatches(pp: int, vpp: Optional[int], dp: int, num_microbatches: int,
+                                    global_key: str) -> None:
+    """megatron-core 0.16.1's interleaved schedule runs micro-batches in groups
+    of PP (``microbatch_group_size_per_vp_stage``) and refuses a last group of
+    fewer than PP: the count must be a multiple of PP (at least PP)."""
+    if vpp is not None and (num_microbatches < pp or num_microbatches % pp):
+        why = "fewer than" if num_microbatches < pp else "not a multiple of"
         raise ConfigError(
             f"Invalid batch size for the interleaved pipeline: {global_key} gives {num_microbatches} "
-            f"micro-batches per DP rank, fewer than pipeline_model_parallel_size({layout.pp_size}). "
-            f"Raise {global_key} to at least {layout.pp_size} x micro batch size x "
-            f"data-parallel size({layout.dp_size}), or set {_VPP_KEY}=null."
+            f"micro-batches per DP rank, {why} pipeline_model_parallel_size({pp}). Set {global_key} to "
+            f"a multiple of {pp} x micro batch size x data-parallel size({dp}), or set {_VPP_KEY}=null."
         )

@@ -15,17 +15,19 @@
                                                {"rank": 1, "completion": [messages]}]}
 Any shape may carry numeric ``chosen_reward`` / ``rejected_reward``
 (ground-truth rewards, needed by the rpo_* losses): on every record of a file
-or on none. Every problem is a ``DataError`` naming the record (``file:line``
-or ``file row i``), the key and the fix.
+or on none. A string prompt may be empty (prompt-free preference data: the
+pair is scored from the first completion token, after BOS where the tokenizer
+adds one); completions may not. Every problem is a ``DataError`` naming the
+record (``file:line`` or ``file row i``), the key and the fix.
 """
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 from megatron_dpo.config.schema import DataConfig
 from megatron_dpo.data.errors import DataError
-from megatron_dpo.data.sources import read_records
+from megatron_dpo.data.sources import iter_records
 
 Messages = List[Dict[str, str]]
 Text = Union[str, Messages]
@@ -48,9 +50,21 @@ class PreferencePair:
 
 def load_pairs(path: str, data_cfg: DataConfig) -> List[PreferencePair]:
     """Every pair of one file or dataset directory (see sources.py)."""
-    pairs = [parse_record(record, where, data_cfg) for where, record in read_records(path)]
-    _check_rewards_on_all_or_none(pairs)
-    return pairs
+    return list(iter_pairs(path, data_cfg))
+
+
+def iter_pairs(path: str, data_cfg: DataConfig) -> Iterator[PreferencePair]:
+    """The pairs of ``path`` one by one, streamed (see sources.py)."""
+    first_with = first_without = None
+    for where, record in iter_records(path):
+        pair = parse_record(record, where, data_cfg)
+        if pair.chosen_reward is None:
+            first_without = first_without or pair
+        else:
+            first_with = first_with or pair
+        if first_with and first_without:
+            _rewards_on_some(first_without, first_with)
+        yield pair
 
 
 def parse_record(record: object, where: str, data_cfg: DataConfig) -> PreferencePair:
@@ -74,7 +88,8 @@ def _keyed(record: dict, where: str, keys: Tuple[str, str, str]) -> Tuple[Text, 
     prompt_key, chosen_key, rejected_key = keys
     prompt = _present(record, prompt_key, where, keys)
     if isinstance(prompt, str):
-        return tuple(_string(_present(record, key, where, keys), key, where) for key in keys)
+        completions = (_string(_present(record, key, where, keys), key, where) for key in (chosen_key, rejected_key))
+        return (prompt, *completions)
     prompt = _messages(prompt, prompt_key, where)
     return (prompt, *(_completion(_present(record, key, where, keys), key, where)
                       for key in (chosen_key, rejected_key)))
@@ -166,11 +181,8 @@ def _reward(value: object, key: str, where: str) -> float:
     return float(value)
 
 
-def _check_rewards_on_all_or_none(pairs: List[PreferencePair]) -> None:
-    has_rewards = [pair.chosen_reward is not None for pair in pairs]
-    if any(has_rewards) and not all(has_rewards):
-        without, with_ = pairs[has_rewards.index(False)], pairs[has_rewards.index(True)]
-        raise DataError(
-            f"{without.where}: no {REWARD_KEYS[0]!r} / {REWARD_KEYS[1]!r}, but {with_.where} has them; "
-            "give every pair of a file ground-truth rewards, or none"
-        )
+def _rewards_on_some(without: PreferencePair, with_: PreferencePair) -> None:
+    raise DataError(
+        f"{without.where}: no {REWARD_KEYS[0]!r} / {REWARD_KEYS[1]!r}, but {with_.where} has them; "
+        "give every pair of a file ground-truth rewards, or none"
+    )

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_dpo.data.tokenize import TokenizedPair
+from megatron_dpo.data.tokenize import TokenizedPair, common_prefix_len
 
 SHARED, CHOSEN, REJECTED = 0, 1, 2
 
@@ -50,8 +50,12 @@ class _Piece:
 
 
 def shared_prefix_len(pair: TokenizedPair) -> int:
-    """Leading tokens computed once for both sequences: the common prompt but its last token."""
-    return max(min(pair.chosen_prompt_len, pair.rejected_prompt_len) - 1, 0)
+    """Leading tokens computed once for both sequences: the prompt of both but
+    its last token (tokenize.py's boundary, one for both sequences), where
+    the two sequences hold the same tokens: truncate_sequence / keep_end
+    cuts their starts by different amounts, and then they share less."""
+    prompt_len = min(pair.chosen_prompt_len, pair.rejected_prompt_len)
+    return max(min(common_prefix_len(pair.chosen_ids, pair.rejected_ids), prompt_len) - 1, 0)
 
 
 def _sequence_piece(ids: list[int], prompt_len: int, start: int, branch: int, sequence: int,

@@ -59,12 +59,12 @@ class PairSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch = self.epoch
-        order = self._epoch_order(epoch)  # [num_pairs]
+        order = self._epoch_order(epoch)  # [num_pairs] int64: 8 bytes a pair, no Python list
         local_size = self.global_batch_size // self.dp_size
         while self.epoch == epoch:
             start = self._step_in_epoch() * self.global_batch_size + self.dp_rank * local_size
             self.consumed_pairs += self.global_batch_size
-            yield order[start:start + local_size]
+            yield order[start:start + local_size].tolist()
 
     def state_dict(self) -> dict:
         return {"consumed_pairs": self.consumed_pairs, "num_pairs": self.num_pairs,
@@ -92,8 +92,8 @@ class PairSampler:
     def _step_in_epoch(self) -> int:
         return (self.consumed_pairs // self.global_batch_size) % self.steps_per_epoch
 
-    def _epoch_order(self, epoch: int) -> list[int]:
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
-            return list(range(self.num_pairs))
+            return torch.arange(self.num_pairs)
         generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_pairs, generator=generator).tolist()
+        return torch.randperm(self.num_pairs, generator=generator)

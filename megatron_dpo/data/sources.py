@@ -8,19 +8,28 @@ Sources, by what the path is:
   * anything else: JSON Lines, one object per line (blank lines skipped).
 Each record comes with ``where``, the place to name in an error:
 ``file:line`` for JSON Lines, ``file row i`` (from 0) for arrays and tables.
+Records are streamed (``iter_records``): a large file is never held whole as
+Python objects. Text must be UTF-8; a byte that is not is reported with its
+line and byte offset.
 """
 
 import json
 import os
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 from megatron_dpo.data.errors import DataError
 
 Record = Tuple[str, object]  # (where, the decoded record)
+_UTF8_FIX = "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or remove that line"
 
 
 def read_records(path: str) -> List[Record]:
     """Every record of the file or dataset directory at ``path``; never empty."""
+    return list(iter_records(path))
+
+
+def iter_records(path: str) -> Iterator[Record]:
+    """The records of ``path`` one by one; a DataError when there are none."""
     if os.path.isdir(path):
         records = _read_dataset_dir(path)
     elif not os.path.isfile(path):
@@ -34,18 +43,34 @@ def read_records(path: str) -> List[Record]:
         records = _read_json_array(path)
     else:
         records = _read_json_lines(path)
-    if not records:
+    empty = True
+    for record in records:
+        empty = False
+        yield record
+    if empty:
         raise DataError(f"{path} holds no preference pairs; it is empty. Write one record per pair")
-    return records
 
 
-def _read_json_lines(path: str) -> List[Record]:
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+def _utf8(data: bytes, path: str, line_no: int, line_offset: int) -> str:
+    """``data`` (line ``line_no``, starting at byte ``line_offset`` of the file) as text."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        bad = data[error.start:error.end]
+        raise DataError(
+            f"{path}:{line_no}: not UTF-8 text: byte {bad!r} at byte offset {line_offset + error.start} of the "
+            f"file (column {error.start + 1} of the line); {_UTF8_FIX}"
+        ) from None
+
+
+def _read_json_lines(path: str) -> Iterator[Record]:
+    offset = 0
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            line = _utf8(raw, path, line_no, offset)
+            offset += len(raw)
             if line.strip():
-                records.append((f"{path}:{line_no}", _decode(line, f"{path}:{line_no}")))
-    return records
+                yield f"{path}:{line_no}", _decode(line, f"{path}:{line_no}")
 
 
 def _decode(text: str, where: str) -> object:
@@ -56,37 +81,50 @@ def _decode(text: str, where: str) -> object:
 
 
 def _starts_with_array(path: str) -> bool:
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                return line.lstrip().startswith("[")
+    with open(path, "rb") as handle:
+        for raw in handle:
+            if raw.strip():
+                return raw.lstrip().startswith(b"[")
     return False
 
 
-def _read_json_array(path: str) -> List[Record]:
-    with open(path, encoding="utf-8") as handle:
-        try:
-            rows = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise DataError(
-                f"{path}:{error.lineno}: not valid JSON ({error}); a .json file holds one array of "
-                "objects, or one object per line"
-            ) from error
-    return [(f"{path} row {index}", row) for index, row in enumerate(rows)]
+def _read_json_array(path: str) -> Iterator[Record]:
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        line_end = data.find(b"\n", error.start)
+        _utf8(data[line_start:line_end if line_end >= 0 else len(data)], path,
+              data.count(b"\n", 0, error.start) + 1, line_start)
+        raise  # _utf8 raises: the bad byte is on that line
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{path}:{error.lineno}: not valid JSON ({error}); a .json file holds one array of "
+            "objects, or one object per line"
+        ) from error
+    return ((f"{path} row {index}", row) for index, row in enumerate(rows))
 
 
-def _read_parquet(path: str) -> List[Record]:
+def _read_parquet(path: str) -> Iterator[Record]:
     import pyarrow
     import pyarrow.parquet
 
     try:
-        rows = pyarrow.parquet.read_table(path).to_pylist()
+        batches = pyarrow.parquet.ParquetFile(path).iter_batches()
+        index = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield f"{path} row {index}", row
+                index += 1
     except (pyarrow.ArrowException, OSError) as error:
         raise DataError(f"{path}: not a readable parquet file ({error})") from error
-    return [(f"{path} row {index}", row) for index, row in enumerate(rows)]
 
 
-def _read_dataset_dir(path: str) -> List[Record]:
+def _read_dataset_dir(path: str) -> Iterator[Record]:
     import datasets
 
     try:
@@ -102,4 +140,5 @@ def _read_dataset_dir(path: str) -> List[Record]:
             f"{path} holds a DatasetDict with splits {list(dataset)}; point the data path at "
             f"one split's directory: {splits}"
         )
-    return [(f"{path} row {index}", row) for index, row in enumerate(dataset)]
+    return ((f"{path} row {index}", row) for index, row in enumerate(dataset))
+

@@ -22,6 +22,7 @@ from megatron_dpo.config.schema import LoggerConfig
 from megatron_dpo.logging.files import atomic_path, json_safe
 
 METRICS_FILE = "metrics.jsonl"
+_MAX_LINE_WARNINGS = 10
 
 
 class MetricsLogger:
@@ -90,32 +91,54 @@ def read_metrics(path: str) -> List[dict]:
     """Read a metrics.jsonl into a list of records, in file order.
 
     A run killed mid-write leaves a partial last line: it is skipped with a
-    warning. Any other unparseable line is a ValueError naming file and line.
+    warning. Any other unparseable line is a ValueError naming file and line
+    (a resume, by contrast, skips it: see ``_repair_for_append``).
     """
     if not os.path.isfile(path):
         raise ValueError(f"{path}: metrics file not found (is this a run directory?)")
-    records = _parse_jsonl(path)
+    records = _parse_jsonl(path, skip_corrupt=False)
     if not records:
         raise ValueError(f"{path}: metrics file is empty (no step was logged yet)")
     return records
 
 
-def _parse_jsonl(path: str) -> List[dict]:
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
-    records = []
-    for index, (lineno, line) in enumerate(numbered):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if index == len(numbered) - 1:
-                warnings.warn(f"{path}:{lineno}: skipping truncated last line ({e})")
-                break
-            raise ValueError(f"{path}:{lineno}: not a JSON line ({e}): {line[:80]!r}") from e
-        if not isinstance(record, dict) or "step" not in record or "split" not in record:
-            raise ValueError(f"{path}:{lineno}: expected an object with 'step' and 'split'")
-        records.append(record)
+def _parse_line(raw: bytes):
+    """(record, None) for a valid line, else (None, what is wrong)."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 at byte {e.start}"
+    except json.JSONDecodeError as e:
+        return None, f"not a JSON line ({e})"
+    if not isinstance(record, dict) or type(record.get("step")) is not int or not isinstance(record.get("split"), str):
+        return None, "expected an object with an integer 'step' and a string 'split'"
+    return record, None
+
+
+def _parse_jsonl(path: str, skip_corrupt: bool) -> List[dict]:
+    """The file's records. A bad last line (a killed write) is always skipped
+    with a warning; a bad line elsewhere too when ``skip_corrupt``, else it
+    is a ValueError. Warnings and errors name file and line."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    last = max((i for i, raw in enumerate(lines) if raw.strip()), default=-1)
+    records, skipped = [], []
+    for index, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        record, problem = _parse_line(raw)
+        if problem is None:
+            records.append(record)
+        elif index == last:
+            skipped.append(f"{path}:{index + 1}: skipping truncated last line ({problem})")
+        elif skip_corrupt:
+            skipped.append(f"{path}:{index + 1}: skipping corrupt line ({problem}): {raw[:80]!r}")
+        else:
+            raise ValueError(f"{path}:{index + 1}: {problem}: {raw[:80]!r}")
+    for message in skipped[:_MAX_LINE_WARNINGS]:
+        warnings.warn(message)
+    if len(skipped) > _MAX_LINE_WARNINGS:
+        warnings.warn(f"{path}: skipped {len(skipped) - _MAX_LINE_WARNINGS} more corrupt lines")
     return records
 
 
@@ -124,11 +147,12 @@ def _repair_for_append(path: str, resume_step: Optional[int]) -> None:
 
     Appending after a partial last line would glue two records into one
     corrupt middle line; records past ``resume_step`` would be duplicated.
-    Rewriting the parsed records drops both (the file is small: one line a step).
+    Rewriting the parsed records drops both, and any corrupt line (warned
+    about once, then gone); the file is small: one line a step.
     """
     if not os.path.exists(path):
         return
-    records = _parse_jsonl(path)
+    records = _parse_jsonl(path, skip_corrupt=True)
     kept = [r for r in records if resume_step is None or r["step"] <= resume_step]
     with atomic_path(path) as tmp_path, open(tmp_path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)

@@ -2,9 +2,9 @@
 
 DPO-style losses see only the margin h = a - b, so both log-probs may fall
 together. These put a target on the chosen and the rejected log-ratio
-separately. Signature, notation (a, b, h, beta) and return value: see
-preference.py. Formulas follow TRL's ``DPOTrainer.dpo_loss`` (``loss_type`` of
-the same name).
+separately. Signature and registration: registry.py; notation (a, b, h,
+beta): preference.py. Formulas follow TRL's ``DPOTrainer.dpo_loss``
+(``loss_type`` of the same name).
 
 Shape suffixes: B = number of preference pairs.
 """
@@ -15,40 +15,29 @@ import torch
 import torch.nn.functional as F
 
 from megatron_dpo.config.schema import LossConfig
-from megatron_dpo.loss.preference import PreferenceOutput, log_ratios, preference_output
+from megatron_dpo.loss.registry import GroundTruth, preference_loss
 
 
-def nca_pair(
-    policy_chosen_logps_B, policy_rejected_logps_B,
-    reference_chosen_logps_B, reference_rejected_logps_B,
-    cfg: LossConfig,
-    chosen_gt_reward_B: Optional[torch.Tensor] = None,
-    rejected_gt_reward_B: Optional[torch.Tensor] = None,
-) -> PreferenceOutput:
+@preference_loss("nca_pair")
+def nca_pair(a_B: torch.Tensor, b_B: torch.Tensor, cfg: LossConfig,
+             gt: Optional[GroundTruth] = None) -> torch.Tensor:
     """NCA for pairwise data, https://arxiv.org/abs/2402.05369.
 
         loss = -log sigma(beta a) - 0.5 log sigma(-beta a) - 0.5 log sigma(-beta b)
 
     policy == reference: 2 ln 2.
     """
-    a_B, b_B = log_ratios(policy_chosen_logps_B, policy_rejected_logps_B,
-                          reference_chosen_logps_B, reference_rejected_logps_B)
     beta = cfg.reference_policy_kl_penalty
-    losses_B = (
+    return (
         -F.logsigmoid(beta * a_B)
         - 0.5 * F.logsigmoid(-beta * a_B)
         - 0.5 * F.logsigmoid(-beta * b_B)
     )
-    return preference_output(losses_B, a_B, b_B, cfg)
 
 
-def bco_pair(
-    policy_chosen_logps_B, policy_rejected_logps_B,
-    reference_chosen_logps_B, reference_rejected_logps_B,
-    cfg: LossConfig,
-    chosen_gt_reward_B: Optional[torch.Tensor] = None,
-    rejected_gt_reward_B: Optional[torch.Tensor] = None,
-) -> PreferenceOutput:
+@preference_loss("bco_pair")
+def bco_pair(a_B: torch.Tensor, b_B: torch.Tensor, cfg: LossConfig,
+             gt: Optional[GroundTruth] = None) -> torch.Tensor:
     """BCO on pairs, https://arxiv.org/abs/2404.04656: a binary classifier
     with chosen as class 1 and rejected as class 0.
 
@@ -58,20 +47,13 @@ def bco_pair(
     across steps); this pure function has no such state and uses delta = 0.
     policy == reference: 2 ln 2.
     """
-    a_B, b_B = log_ratios(policy_chosen_logps_B, policy_rejected_logps_B,
-                          reference_chosen_logps_B, reference_rejected_logps_B)
     beta = cfg.reference_policy_kl_penalty
-    losses_B = -F.logsigmoid(beta * a_B) - F.logsigmoid(-beta * b_B)
-    return preference_output(losses_B, a_B, b_B, cfg)
+    return -F.logsigmoid(beta * a_B) - F.logsigmoid(-beta * b_B)
 
 
-def sppo_hard(
-    policy_chosen_logps_B, policy_rejected_logps_B,
-    reference_chosen_logps_B, reference_rejected_logps_B,
-    cfg: LossConfig,
-    chosen_gt_reward_B: Optional[torch.Tensor] = None,
-    rejected_gt_reward_B: Optional[torch.Tensor] = None,
-) -> PreferenceOutput:
+@preference_loss("sppo_hard")
+def sppo_hard(a_B: torch.Tensor, b_B: torch.Tensor, cfg: LossConfig,
+              gt: Optional[GroundTruth] = None) -> torch.Tensor:
     """SPPO with hard win probabilities (1 for chosen, 0 for rejected),
     https://arxiv.org/abs/2405.00675 (eq. 4.7).
 
@@ -79,20 +61,13 @@ def sppo_hard(
 
     policy == reference: 1 / (2 beta^2) (50 at beta = 0.1).
     """
-    a_B, b_B = log_ratios(policy_chosen_logps_B, policy_rejected_logps_B,
-                          reference_chosen_logps_B, reference_rejected_logps_B)
     half_inv_beta = 0.5 / cfg.reference_policy_kl_penalty
-    losses_B = (a_B - half_inv_beta) ** 2 + (b_B + half_inv_beta) ** 2
-    return preference_output(losses_B, a_B, b_B, cfg)
+    return (a_B - half_inv_beta) ** 2 + (b_B + half_inv_beta) ** 2
 
 
-def apo_zero(
-    policy_chosen_logps_B, policy_rejected_logps_B,
-    reference_chosen_logps_B, reference_rejected_logps_B,
-    cfg: LossConfig,
-    chosen_gt_reward_B: Optional[torch.Tensor] = None,
-    rejected_gt_reward_B: Optional[torch.Tensor] = None,
-) -> PreferenceOutput:
+@preference_loss("apo_zero")
+def apo_zero(a_B: torch.Tensor, b_B: torch.Tensor, cfg: LossConfig,
+             gt: Optional[GroundTruth] = None) -> torch.Tensor:
     """APO-zero, https://arxiv.org/abs/2408.06266 (eq. 7): raise the chosen
     likelihood, lower the rejected one. For chosen outputs better than the
     model's own.
@@ -101,20 +76,13 @@ def apo_zero(
 
     policy == reference: 1.
     """
-    a_B, b_B = log_ratios(policy_chosen_logps_B, policy_rejected_logps_B,
-                          reference_chosen_logps_B, reference_rejected_logps_B)
     beta = cfg.reference_policy_kl_penalty
-    losses_B = (1 - torch.sigmoid(beta * a_B)) + torch.sigmoid(beta * b_B)
-    return preference_output(losses_B, a_B, b_B, cfg)
+    return (1 - torch.sigmoid(beta * a_B)) + torch.sigmoid(beta * b_B)
 
 
-def apo_down(
-    policy_chosen_logps_B, policy_rejected_logps_B,
-    reference_chosen_logps_B, reference_rejected_logps_B,
-    cfg: LossConfig,
-    chosen_gt_reward_B: Optional[torch.Tensor] = None,
-    rejected_gt_reward_B: Optional[torch.Tensor] = None,
-) -> PreferenceOutput:
+@preference_loss("apo_down")
+def apo_down(a_B: torch.Tensor, b_B: torch.Tensor, cfg: LossConfig,
+             gt: Optional[GroundTruth] = None) -> torch.Tensor:
     """APO-down, https://arxiv.org/abs/2408.06266 (eq. 8): lower both
     likelihoods, the rejected one more. For chosen outputs worse than the
     model's own.
@@ -123,8 +91,5 @@ def apo_down(
 
     policy == reference: 1.
     """
-    a_B, b_B = log_ratios(policy_chosen_logps_B, policy_rejected_logps_B,
-                          reference_chosen_logps_B, reference_rejected_logps_B)
     beta = cfg.reference_policy_kl_penalty
-    losses_B = torch.sigmoid(beta * a_B) + (1 - torch.sigmoid(beta * (a_B - b_B)))
-    return preference_output(losses_B, a_B, b_B, cfg)
+    return torch.sigmoid(beta * a_B) + (1 - torch.sigmoid(beta * (a_B - b_B)))

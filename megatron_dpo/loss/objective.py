@@ -8,16 +8,19 @@ count. The result is per pair and unreduced: the caller sums it over its pairs
 and divides by the GLOBAL number of pairs of the step (see DESIGN.md,
 Normalisation), so the same code serves every DP / micro-batch layout.
 
+The registered preference loss (registry.py) sees only the two log-ratios;
+the rewards beta * a, beta * b are computed here, once for every loss.
+
 Shape suffixes: B = number of pairs, 2B = number of sequences (2 per pair).
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from megatron_dpo.config.schema import LossConfig
-from megatron_dpo.loss.registry import ALWAYS_LENGTH_NORMALISED, get_preference_loss
+from megatron_dpo.loss.registry import GroundTruth, get_preference_loss
 from megatron_dpo.loss.sft import sft_loss
 
 
@@ -46,6 +49,30 @@ def _split_pairs(values_2B: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return values_2B[0::2], values_2B[1::2]
 
 
+class PreferenceOutput(NamedTuple):
+    losses_B: torch.Tensor
+    # beta * a and beta * b, detached (metrics).
+    chosen_rewards_B: torch.Tensor
+    rejected_rewards_B: torch.Tensor
+
+
+def preference_terms(
+    chosen_log_ratio_B: torch.Tensor,
+    rejected_log_ratio_B: torch.Tensor,
+    cfg: LossConfig,
+    gt: Optional[GroundTruth] = None,
+) -> PreferenceOutput:
+    """The preference loss ``cfg.preference_loss`` of each pair and the
+    rewards, from the policy-minus-reference log-ratios a and b."""
+    loss_fn = get_preference_loss(cfg.preference_loss).fn
+    beta = cfg.reference_policy_kl_penalty
+    return PreferenceOutput(
+        loss_fn(chosen_log_ratio_B, rejected_log_ratio_B, cfg, gt),
+        (beta * chosen_log_ratio_B).detach(),
+        (beta * rejected_log_ratio_B).detach(),
+    )
+
+
 def pair_terms(
     policy_logps_2B: torch.Tensor,
     reference_logps_2B: torch.Tensor,
@@ -62,9 +89,10 @@ def pair_terms(
         cfg: the ``loss_fn`` config.
         gt_rewards_2B: ground-truth reward of each sequence (rpo_* losses).
 
-    With ``cfg.preference_average_log_probs`` (always for ``ipo``) the
-    preference loss and the rewards use log-probs / num_tokens; with
-    ``cfg.sft_average_log_probs`` the SFT term does. Computed in fp32.
+    With ``cfg.preference_average_log_probs`` (always for a loss registered
+    with ``length_normalised=True``, e.g. ``ipo``) the preference loss and the
+    rewards use log-probs / num_tokens; with ``cfg.sft_average_log_probs`` the
+    SFT term does. Computed in fp32.
     """
     assert policy_logps_2B.dim() == 1 and policy_logps_2B.shape[0] % 2 == 0, (
         f"expected [2B] interleaved chosen/rejected rows, got {tuple(policy_logps_2B.shape)}"
@@ -73,29 +101,20 @@ def pair_terms(
         f"shape mismatch: policy {tuple(policy_logps_2B.shape)}, reference "
         f"{tuple(reference_logps_2B.shape)}, num_tokens {tuple(num_tokens_2B.shape)}"
     )
-    preference_loss_fn = get_preference_loss(cfg.preference_loss)
+    always_length_normalised = get_preference_loss(cfg.preference_loss).length_normalised
     policy_logps_2B = policy_logps_2B.float()
     reference_logps_2B = reference_logps_2B.float()
     # clamp: a sequence without completion tokens has logps 0, and stays 0.
     num_tokens_2B = num_tokens_2B.float().clamp(min=1)
 
-    length_normalised = (
-        cfg.preference_average_log_probs or cfg.preference_loss in ALWAYS_LENGTH_NORMALISED
-    )
-    if length_normalised:
+    if cfg.preference_average_log_probs or always_length_normalised:
         policy_preference_2B = policy_logps_2B / num_tokens_2B
         reference_preference_2B = reference_logps_2B / num_tokens_2B
     else:
         policy_preference_2B, reference_preference_2B = policy_logps_2B, reference_logps_2B
-    chosen_gt_reward_B, rejected_gt_reward_B = (
-        (None, None) if gt_rewards_2B is None else _split_pairs(gt_rewards_2B.float())
-    )
-    preference = preference_loss_fn(
-        *_split_pairs(policy_preference_2B),
-        *_split_pairs(reference_preference_2B),
-        cfg,
-        chosen_gt_reward_B,
-        rejected_gt_reward_B,
+    gt = None if gt_rewards_2B is None else GroundTruth(*_split_pairs(gt_rewards_2B.float()))
+    preference = preference_terms(
+        *_split_pairs(policy_preference_2B - reference_preference_2B), cfg, gt
     )
 
     sft_logps_2B = policy_logps_2B / num_tokens_2B if cfg.sft_average_log_probs else policy_logps_2B

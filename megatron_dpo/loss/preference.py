@@ -1,22 +1,20 @@
 """Preference losses on the pair's log-ratio margin (the DPO family).
 
-Every preference loss in this package has one signature, so the registry can
-swap them:
+Every preference loss in this package is a function of the pair's two
+log-ratios, registered by name with ``@preference_loss`` (signature and
+registration: registry.py):
 
-    fn(policy_chosen_logps_B, policy_rejected_logps_B,
-       reference_chosen_logps_B, reference_rejected_logps_B,
-       cfg: LossConfig, chosen_gt_reward_B=None, rejected_gt_reward_B=None)
-        -> PreferenceOutput(losses_B, chosen_rewards_B, rejected_rewards_B)
+    fn(a_B, b_B, cfg: LossConfig, gt: Optional[GroundTruth] = None) -> losses_B
 
-The log-probs are per sequence over the completion tokens: summed, or the
-per-token mean when the caller length-normalises (see objective.py). Losses
-are per pair and unreduced: the caller divides their sum by the global number
-of pairs. Rewards are beta * (policy - reference) log-probs, detached (they
-are metrics). The ground-truth rewards are used only by the rpo_* losses.
+The log-ratios are of per-sequence log-probs over the completion tokens:
+summed, or the per-token mean when the caller length-normalises (see
+objective.py). Losses are per pair and unreduced: the caller divides their sum
+by the global number of pairs. The rewards beta * a and beta * b are computed
+once for every loss, in objective.py. Only the rpo_* losses read ``gt``.
 
 Notation in the docstrings, with beta = cfg.reference_policy_kl_penalty:
-    a   = policy_chosen - reference_chosen        chosen log-ratio
-    b   = policy_rejected - reference_rejected    rejected log-ratio
+    a   = policy_chosen - reference_chosen        chosen log-ratio (a_B)
+    b   = policy_rejected - reference_rejected    rejected log-ratio (b_B)
     h   = a - b                                   log-ratio margin
     eps = cfg.label_smoothing
     sigma = logistic sigmoid
@@ -28,55 +26,19 @@ Shape suffixes: B = number of preference pairs.
 """
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from megatron_dpo.config.errors import ConfigError
 from megatron_dpo.config.schema import LossConfig
+from megatron_dpo.loss.registry import GroundTruth, preference_loss
 
 
-class PreferenceOutput(NamedTuple):
-    losses_B: torch.Tensor
-    chosen_rewards_B: torch.Tensor
-    rejected_rewards_B: torch.Tensor
-
-
-def log_ratios(
-    policy_chosen_logps_B: torch.Tensor,
-    policy_rejected_logps_B: torch.Tensor,
-    reference_chosen_logps_B: torch.Tensor,
-    reference_rejected_logps_B: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(a, b): the chosen and rejected policy/reference log-ratios."""
-    return (
-        policy_chosen_logps_B - reference_chosen_logps_B,
-        policy_rejected_logps_B - reference_rejected_logps_B,
-    )
-
-
-def preference_output(
-    losses_B: torch.Tensor,
-    chosen_log_ratio_B: torch.Tensor,
-    rejected_log_ratio_B: torch.Tensor,
-    cfg: LossConfig,
-) -> PreferenceOutput:
-    """Pairs the losses with the detached rewards beta * a and beta * b."""
-    beta = cfg.reference_policy_kl_penalty
-    return PreferenceOutput(
-        losses_B,
-        (beta * chosen_log_ratio_B).detach(),
-        (beta * rejected_log_ratio_B).detach(),
-    )
-
-
-def dpo(
-    policy_chosen_logps_B, policy_rejected_logps_B,
-    reference_chosen_logps_B, reference_rejected_logps_B,
-    cfg: LossConfig,
-    chosen_gt_reward_B: Optional[torch.Tensor] = None,
-    rejected_gt_reward_B: Optional[torch.Tensor] = None,
-) -> PreferenceOutput:
+@preference_loss("dpo")
+def dpo(a_B: torch.Tensor, b_B: torch.Tensor, cfg: LossConfig,
+        gt: Optional[GroundTruth] = None) -> torch.Tensor:
     """DPO, https://arxiv.org/abs/2305.18290 (eq. 7); with eps > 0 the
     conservative DPO of https://ericmitchell.ai/cdpo.pdf.
 
@@ -84,50 +46,41 @@ def dpo(
 
     policy == reference: ln 2 (for every eps).
     """
-    a_B, b_B = log_ratios(policy_chosen_logps_B, policy_rejected_logps_B,
-                          reference_chosen_logps_B, reference_rejected_logps_B)
     logits_B = cfg.reference_policy_kl_penalty * (a_B - b_B)
     eps = cfg.label_smoothing
-    losses_B = -(1 - eps) * F.logsigmoid(logits_B) - eps * F.logsigmoid(-logits_B)
-    return preference_output(losses_B, a_B, b_B, cfg)
+    return -(1 - eps) * F.logsigmoid(logits_B) - eps * F.logsigmoid(-logits_B)
 
 
-def robust(
-    policy_chosen_logps_B, policy_rejected_logps_B,
-    reference_chosen_logps_B, reference_rejected_logps_B,
-    cfg: LossConfig,
-    chosen_gt_reward_B: Optional[torch.Tensor] = None,
-    rejected_gt_reward_B: Optional[torch.Tensor] = None,
-) -> PreferenceOutput:
+def _check_robust_label_smoothing(cfg: LossConfig) -> None:
+    eps = cfg.label_smoothing
+    if not 0.0 <= eps < 0.5:
+        raise ConfigError(
+            f"Invalid loss_fn.label_smoothing={eps} for loss_fn.preference_loss='robust': "
+            f"the loss divides by 1 - 2 * label_smoothing. Set loss_fn.label_smoothing in [0, 0.5)."
+        )
+
+
+@preference_loss("robust", check_config=_check_robust_label_smoothing)
+def robust(a_B: torch.Tensor, b_B: torch.Tensor, cfg: LossConfig,
+           gt: Optional[GroundTruth] = None) -> torch.Tensor:
     """Robust DPO (unbiased under label noise eps),
     https://arxiv.org/abs/2403.00409.
 
         loss = (-(1 - eps) log sigma(beta h) + eps log sigma(-beta h)) / (1 - 2 eps)
 
-    Needs 0 <= eps < 0.5. policy == reference: ln 2.
+    Needs 0 <= eps < 0.5 (checked at startup). policy == reference: ln 2.
     """
     eps = cfg.label_smoothing
-    if not 0.0 <= eps < 0.5:
-        raise ValueError(
-            f"loss_fn.label_smoothing={eps} but the robust loss divides by "
-            f"1 - 2 * label_smoothing: set it in [0, 0.5)."
-        )
-    a_B, b_B = log_ratios(policy_chosen_logps_B, policy_rejected_logps_B,
-                          reference_chosen_logps_B, reference_rejected_logps_B)
     logits_B = cfg.reference_policy_kl_penalty * (a_B - b_B)
-    losses_B = (
+    return (
         -(1 - eps) * F.logsigmoid(logits_B) + eps * F.logsigmoid(-logits_B)
     ) / (1 - 2 * eps)
-    return preference_output(losses_B, a_B, b_B, cfg)
 
 
-def ipo(
-    policy_chosen_logps_B, policy_rejected_logps_B,
-    reference_chosen_logps_B, reference_rejected_logps_B,
-    cfg: LossConfig,
-    chosen_gt_reward_B: Optional[torch.Tensor] = None,
-    rejected_gt_reward_B: Optional[torch.Tensor] = None,
-) -> PreferenceOutput:
+@preference_loss("ipo_sum")  # decorators apply bottom-up: "ipo" registers first
+@preference_loss("ipo", length_normalised=True)
+def ipo(a_B: torch.Tensor, b_B: torch.Tensor, cfg: LossConfig,
+        gt: Optional[GroundTruth] = None) -> torch.Tensor:
     """IPO, https://arxiv.org/abs/2310.12036 (eq. 17; beta is the paper's tau).
 
         loss = (h - 1 / (2 beta))^2
@@ -141,19 +94,12 @@ def ipo(
     Rewards are computed from the same log-probs.
     policy == reference: 1 / (4 beta^2) (25 at beta = 0.1).
     """
-    a_B, b_B = log_ratios(policy_chosen_logps_B, policy_rejected_logps_B,
-                          reference_chosen_logps_B, reference_rejected_logps_B)
-    losses_B = (a_B - b_B - 1 / (2 * cfg.reference_policy_kl_penalty)) ** 2
-    return preference_output(losses_B, a_B, b_B, cfg)
+    return (a_B - b_B - 1 / (2 * cfg.reference_policy_kl_penalty)) ** 2
 
 
-def hinge(
-    policy_chosen_logps_B, policy_rejected_logps_B,
-    reference_chosen_logps_B, reference_rejected_logps_B,
-    cfg: LossConfig,
-    chosen_gt_reward_B: Optional[torch.Tensor] = None,
-    rejected_gt_reward_B: Optional[torch.Tensor] = None,
-) -> PreferenceOutput:
+@preference_loss("hinge")
+def hinge(a_B: torch.Tensor, b_B: torch.Tensor, cfg: LossConfig,
+          gt: Optional[GroundTruth] = None) -> torch.Tensor:
     """Hinge loss on the normalised likelihood (SLiC),
     https://arxiv.org/abs/2305.10425, with margin 1.
 
@@ -161,19 +107,12 @@ def hinge(
 
     policy == reference: 1.
     """
-    a_B, b_B = log_ratios(policy_chosen_logps_B, policy_rejected_logps_B,
-                          reference_chosen_logps_B, reference_rejected_logps_B)
-    losses_B = torch.relu(1 - cfg.reference_policy_kl_penalty * (a_B - b_B))
-    return preference_output(losses_B, a_B, b_B, cfg)
+    return torch.relu(1 - cfg.reference_policy_kl_penalty * (a_B - b_B))
 
 
-def exo_pair(
-    policy_chosen_logps_B, policy_rejected_logps_B,
-    reference_chosen_logps_B, reference_rejected_logps_B,
-    cfg: LossConfig,
-    chosen_gt_reward_B: Optional[torch.Tensor] = None,
-    rejected_gt_reward_B: Optional[torch.Tensor] = None,
-) -> PreferenceOutput:
+@preference_loss("exo_pair")
+def exo_pair(a_B: torch.Tensor, b_B: torch.Tensor, cfg: LossConfig,
+             gt: Optional[GroundTruth] = None) -> torch.Tensor:
     """EXO, https://arxiv.org/abs/2402.00856 (eq. 16): the reverse KL from
     the label distribution (1 - eps, eps) to sigma(+-beta h).
 
@@ -184,23 +123,16 @@ def exo_pair(
     policy == reference: -ln 2 - ln(eps (1 - eps)) / 2 (2.761231 at 1e-3).
     """
     eps = cfg.label_smoothing or 1e-3
-    a_B, b_B = log_ratios(policy_chosen_logps_B, policy_rejected_logps_B,
-                          reference_chosen_logps_B, reference_rejected_logps_B)
     logits_B = cfg.reference_policy_kl_penalty * (a_B - b_B)
-    losses_B = (
+    return (
         torch.sigmoid(logits_B) * (F.logsigmoid(logits_B) - math.log(1 - eps))
         + torch.sigmoid(-logits_B) * (F.logsigmoid(-logits_B) - math.log(eps))
     )
-    return preference_output(losses_B, a_B, b_B, cfg)
 
 
-def discopop(
-    policy_chosen_logps_B, policy_rejected_logps_B,
-    reference_chosen_logps_B, reference_rejected_logps_B,
-    cfg: LossConfig,
-    chosen_gt_reward_B: Optional[torch.Tensor] = None,
-    rejected_gt_reward_B: Optional[torch.Tensor] = None,
-) -> PreferenceOutput:
+@preference_loss("discopop")
+def discopop(a_B: torch.Tensor, b_B: torch.Tensor, cfg: LossConfig,
+             gt: Optional[GroundTruth] = None) -> torch.Tensor:
     """DiscoPOP (log-ratio modulated loss), https://arxiv.org/abs/2406.08414
     (eq. 5), with tau = cfg.discopop_tau and x = beta h:
 
@@ -211,11 +143,8 @@ def discopop(
     does not overflow to inf * 0 for very negative x.
     policy == reference: (ln 2 + 1) / 2 = 0.846574.
     """
-    a_B, b_B = log_ratios(policy_chosen_logps_B, policy_rejected_logps_B,
-                          reference_chosen_logps_B, reference_rejected_logps_B)
     logits_B = cfg.reference_policy_kl_penalty * (a_B - b_B)
     modulation_B = torch.sigmoid(logits_B / cfg.discopop_tau)
     logistic_B = -F.logsigmoid(logits_B)
     modulated_exp_B = torch.exp(F.logsigmoid(logits_B / cfg.discopop_tau) - logits_B)
-    losses_B = (1 - modulation_B) * logistic_B + modulated_exp_B
-    return preference_output(losses_B, a_B, b_B, cfg)
+    return (1 - modulation_B) * logistic_B + modulated_exp_B

@@ -1,50 +1,134 @@
 """Preference losses by the name ``loss_fn.preference_loss`` gives.
 
-A new variant is a new function (see preference.py for the signature) plus
-one entry here and its name in ``CHOICES["loss_fn.preference_loss"]``
-(config/schema.py).
+A loss registers itself where it is defined, with a decorator:
+
+    @preference_loss("dpo")
+    def dpo(a_B, b_B, cfg, gt=None): ...
+
+so a new variant touches one file: its function and the decorator line. The
+variant modules are imported by ``megatron_dpo/loss/__init__.py`` (a new
+module goes there). This table is the one list of valid names:
+``check_loss_config`` validates the config against it at startup (the config
+layer sits below ``loss`` and cannot know the names).
+
+The signature of every preference loss:
+
+    fn(a_B, b_B, cfg: LossConfig, gt: Optional[GroundTruth] = None) -> losses_B
+
+with a_B / b_B the chosen / rejected policy-minus-reference log-ratios (of
+summed or per-token-mean log-probs, see objective.py) and losses_B per pair,
+unreduced. ``gt`` holds the data's ground-truth rewards; only losses
+registered with ``needs_gt_rewards=True`` read it. Rewards are computed once
+for every loss, in objective.py.
+
+Shape suffixes: B = number of preference pairs.
 """
 
 import difflib
-from typing import Callable, Dict
+from dataclasses import dataclass
+from typing import AbstractSet, Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
-from megatron_dpo.loss import anchored, preference, reward_aware
-from megatron_dpo.loss.preference import PreferenceOutput
+import torch
 
-PreferenceLoss = Callable[..., PreferenceOutput]
+from megatron_dpo.config.errors import ConfigError
+from megatron_dpo.config.schema import LossConfig
 
-PREFERENCE_LOSSES: Dict[str, PreferenceLoss] = {
-    "dpo": preference.dpo,
-    "robust": preference.robust,
-    "ipo": preference.ipo,
-    "ipo_sum": preference.ipo,
-    "hinge": preference.hinge,
-    "exo_pair": preference.exo_pair,
-    "discopop": preference.discopop,
-    "nca_pair": anchored.nca_pair,
-    "bco_pair": anchored.bco_pair,
-    "sppo_hard": anchored.sppo_hard,
-    "apo_zero": anchored.apo_zero,
-    "apo_down": anchored.apo_down,
-    "rpo_sq": reward_aware.rpo_sq,
-    "rpo_fwd_kl": reward_aware.rpo_fwd_kl,
-    "rpo_bwd_kl": reward_aware.rpo_bwd_kl,
-}
 
-# Losses that always see per-token-mean log-probs, whatever
-# loss_fn.preference_average_log_probs says (TRL's ipo; see preference.ipo).
-ALWAYS_LENGTH_NORMALISED = frozenset({"ipo"})
+class GroundTruth(NamedTuple):
+    """The data's rewards of each pair's responses (``chosen_reward`` /
+    ``rejected_reward`` fields)."""
+
+    chosen_reward_B: torch.Tensor
+    rejected_reward_B: torch.Tensor
+
+
+PreferenceLoss = Callable[
+    [torch.Tensor, torch.Tensor, LossConfig, Optional[GroundTruth]], torch.Tensor
+]
+# Raises ConfigError when the loss cannot run with this config.
+ConfigCheck = Callable[[LossConfig], None]
+
+
+@dataclass(frozen=True)
+class RegisteredLoss:
+    name: str
+    fn: PreferenceLoss
+    # Always fed per-token-mean log-probs, whatever
+    # loss_fn.preference_average_log_probs says (TRL's ipo).
+    length_normalised: bool
+    # Reads the data's ground-truth rewards (the gt argument).
+    needs_gt_rewards: bool
+    # Cross-field checks that depend on the config only, run at startup.
+    check_config: Optional[ConfigCheck]
+
+
+PREFERENCE_LOSSES: Dict[str, RegisteredLoss] = {}
+
+
+def preference_loss(
+    name: str,
+    *,
+    length_normalised: bool = False,
+    needs_gt_rewards: bool = False,
+    check_config: Optional[ConfigCheck] = None,
+) -> Callable[[PreferenceLoss], PreferenceLoss]:
+    """Registers the decorated function under ``name``; returns it unchanged.
+    Stack two decorators to register one formula under two names."""
+
+    def register(fn: PreferenceLoss) -> PreferenceLoss:
+        if name in PREFERENCE_LOSSES:
+            existing = PREFERENCE_LOSSES[name].fn
+            raise ValueError(
+                f"preference loss {name!r} is registered twice: by "
+                f"{existing.__module__}.{existing.__qualname__} and {fn.__module__}.{fn.__qualname__}"
+            )
+        PREFERENCE_LOSSES[name] = RegisteredLoss(
+            name, fn, length_normalised, needs_gt_rewards, check_config
+        )
+        return fn
+
+    return register
+
+
+class _NamesWith(AbstractSet[str]):
+    """The registered names whose entry has ``flag`` set, as a live set."""
+
+    def __init__(self, flag: str):
+        self._flag = flag
+
+    def _names(self) -> Tuple[str, ...]:
+        return tuple(name for name, entry in PREFERENCE_LOSSES.items() if getattr(entry, self._flag))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
 
 # Losses that need the data's ground-truth rewards (chosen_reward / rejected_reward).
-NEEDS_GT_REWARDS = frozenset({"rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl"})
+NEEDS_GT_REWARDS: AbstractSet[str] = _NamesWith("needs_gt_rewards")
 
 
-def get_preference_loss(name: str) -> PreferenceLoss:
+def get_preference_loss(name: str) -> RegisteredLoss:
+    """The registry entry of ``name``; a ConfigError that suggests the nearest
+    name if there is none."""
     if name not in PREFERENCE_LOSSES:
         close = difflib.get_close_matches(name, PREFERENCE_LOSSES, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"loss_fn.preference_loss={name!r} is not a known preference loss."
-            f"{hint} Valid names: {', '.join(PREFERENCE_LOSSES)}."
+        raise ConfigError(
+            f"Invalid value for 'loss_fn.preference_loss': {name!r}.{hint} "
+            f"Choose one of: {', '.join(PREFERENCE_LOSSES)}."
         )
     return PREFERENCE_LOSSES[name]
+
+
+def check_loss_config(loss_cfg: LossConfig) -> None:
+    """Startup check of the ``loss_fn`` section against the registry: the loss
+    name, then the loss's own cross-field checks. Raises ConfigError."""
+    entry = get_preference_loss(loss_cfg.preference_loss)
+    if entry.check_config is not None:
+        entry.check_config(loss_cfg)

@@ -3,11 +3,12 @@
 Nemotron-4 340B, https://arxiv.org/abs/2406.11704: match the
 policy's implied reward gap to a ground-truth one, so that a pair whose
 responses are nearly as good is pushed apart less. The ground-truth rewards
-come from the data's ``chosen_reward`` / ``rejected_reward`` fields.
-Formulas follow NeMo-Aligner's ``MegatronGPTDPOModel.loss_func``
-(``preference_loss`` of the same name).
+come from the data's ``chosen_reward`` / ``rejected_reward`` fields (the
+``gt`` argument). Formulas follow NeMo-Aligner's
+``MegatronGPTDPOModel.loss_func`` (``preference_loss`` of the same name).
 
-Signature, notation (a, b, h, beta) and return value: see preference.py. Also:
+Signature and registration: registry.py; notation (a, b, h, beta):
+preference.py. Also:
     g = cfg.gt_reward_scale * (chosen_gt_reward - rejected_gt_reward)
     p_policy = (sigma(beta h), sigma(-beta h))   policy's P(chosen wins), P(rejected wins)
     p_gt     = (sigma(g), sigma(-g))             the same from the ground truth
@@ -21,26 +22,22 @@ import torch
 import torch.nn.functional as F
 
 from megatron_dpo.config.schema import LossConfig
-from megatron_dpo.loss.preference import PreferenceOutput, log_ratios, preference_output
+from megatron_dpo.loss.registry import GroundTruth, preference_loss
 
 # (log P(chosen wins)_B, log P(rejected wins)_B)
 WinLogProbs = Tuple[torch.Tensor, torch.Tensor]
 
 
-def _scaled_gt_reward_gap(
-    chosen_gt_reward_B: Optional[torch.Tensor],
-    rejected_gt_reward_B: Optional[torch.Tensor],
-    cfg: LossConfig,
-) -> torch.Tensor:
-    """g = gt_reward_scale * (chosen - rejected); an error if either is missing."""
-    if chosen_gt_reward_B is None or rejected_gt_reward_B is None:
+def _scaled_gt_reward_gap(gt: Optional[GroundTruth], cfg: LossConfig) -> torch.Tensor:
+    """g = gt_reward_scale * (chosen - rejected); an error if they are missing."""
+    if gt is None:
         raise ValueError(
             f"loss_fn.preference_loss={cfg.preference_loss!r} needs ground-truth "
             f"rewards: give every pair numeric 'chosen_reward' and "
             f"'rejected_reward' fields in the data, or pick a loss without them "
             f"(e.g. loss_fn.preference_loss=dpo)."
         )
-    return cfg.gt_reward_scale * (chosen_gt_reward_B - rejected_gt_reward_B)
+    return cfg.gt_reward_scale * (gt.chosen_reward_B - gt.rejected_reward_B)
 
 
 def _log_win_probs(logits_B: torch.Tensor) -> WinLogProbs:
@@ -53,33 +50,22 @@ def _binary_kl(p: WinLogProbs, q: WinLogProbs) -> torch.Tensor:
     return sum(log_p_B.exp() * (log_p_B - log_q_B) for log_p_B, log_q_B in zip(p, q))
 
 
-def rpo_sq(
-    policy_chosen_logps_B, policy_rejected_logps_B,
-    reference_chosen_logps_B, reference_rejected_logps_B,
-    cfg: LossConfig,
-    chosen_gt_reward_B: Optional[torch.Tensor] = None,
-    rejected_gt_reward_B: Optional[torch.Tensor] = None,
-) -> PreferenceOutput:
+@preference_loss("rpo_sq", needs_gt_rewards=True)
+def rpo_sq(a_B: torch.Tensor, b_B: torch.Tensor, cfg: LossConfig,
+           gt: Optional[GroundTruth] = None) -> torch.Tensor:
     """Squared distance between the implied and the ground-truth reward gap.
 
         loss = (beta h - g)^2
 
     policy == reference: g^2 (0 when the ground-truth rewards are equal).
     """
-    gap_B = _scaled_gt_reward_gap(chosen_gt_reward_B, rejected_gt_reward_B, cfg)
-    a_B, b_B = log_ratios(policy_chosen_logps_B, policy_rejected_logps_B,
-                          reference_chosen_logps_B, reference_rejected_logps_B)
-    losses_B = (cfg.reference_policy_kl_penalty * (a_B - b_B) - gap_B) ** 2
-    return preference_output(losses_B, a_B, b_B, cfg)
+    gap_B = _scaled_gt_reward_gap(gt, cfg)
+    return (cfg.reference_policy_kl_penalty * (a_B - b_B) - gap_B) ** 2
 
 
-def rpo_fwd_kl(
-    policy_chosen_logps_B, policy_rejected_logps_B,
-    reference_chosen_logps_B, reference_rejected_logps_B,
-    cfg: LossConfig,
-    chosen_gt_reward_B: Optional[torch.Tensor] = None,
-    rejected_gt_reward_B: Optional[torch.Tensor] = None,
-) -> PreferenceOutput:
+@preference_loss("rpo_fwd_kl", needs_gt_rewards=True)
+def rpo_fwd_kl(a_B: torch.Tensor, b_B: torch.Tensor, cfg: LossConfig,
+               gt: Optional[GroundTruth] = None) -> torch.Tensor:
     """KL(p_policy || p_gt) between the two win distributions (NeMo-Aligner
     calls this direction forward).
 
@@ -89,21 +75,14 @@ def rpo_fwd_kl(
     policy == reference: -ln 2 - (log sigma(g) + log sigma(-g)) / 2
     (0 when the ground-truth rewards are equal).
     """
-    gap_B = _scaled_gt_reward_gap(chosen_gt_reward_B, rejected_gt_reward_B, cfg)
-    a_B, b_B = log_ratios(policy_chosen_logps_B, policy_rejected_logps_B,
-                          reference_chosen_logps_B, reference_rejected_logps_B)
+    gap_B = _scaled_gt_reward_gap(gt, cfg)
     policy_win = _log_win_probs(cfg.reference_policy_kl_penalty * (a_B - b_B))
-    losses_B = _binary_kl(policy_win, _log_win_probs(gap_B))
-    return preference_output(losses_B, a_B, b_B, cfg)
+    return _binary_kl(policy_win, _log_win_probs(gap_B))
 
 
-def rpo_bwd_kl(
-    policy_chosen_logps_B, policy_rejected_logps_B,
-    reference_chosen_logps_B, reference_rejected_logps_B,
-    cfg: LossConfig,
-    chosen_gt_reward_B: Optional[torch.Tensor] = None,
-    rejected_gt_reward_B: Optional[torch.Tensor] = None,
-) -> PreferenceOutput:
+@preference_loss("rpo_bwd_kl", needs_gt_rewards=True)
+def rpo_bwd_kl(a_B: torch.Tensor, b_B: torch.Tensor, cfg: LossConfig,
+               gt: Optional[GroundTruth] = None) -> torch.Tensor:
     """KL(p_gt || p_policy) between the two win distributions (NeMo-Aligner
     calls this direction backward).
 
@@ -113,9 +92,6 @@ def rpo_bwd_kl(
     policy == reference: ln 2 + sigma(g) log sigma(g) + sigma(-g) log sigma(-g)
     (0 when the ground-truth rewards are equal).
     """
-    gap_B = _scaled_gt_reward_gap(chosen_gt_reward_B, rejected_gt_reward_B, cfg)
-    a_B, b_B = log_ratios(policy_chosen_logps_B, policy_rejected_logps_B,
-                          reference_chosen_logps_B, reference_rejected_logps_B)
+    gap_B = _scaled_gt_reward_gap(gt, cfg)
     policy_win = _log_win_probs(cfg.reference_policy_kl_penalty * (a_B - b_B))
-    losses_B = _binary_kl(_log_win_probs(gap_B), policy_win)
-    return preference_output(losses_B, a_B, b_B, cfg)
+    return _binary_kl(_log_win_probs(gap_B), policy_win)

@@ -7,6 +7,8 @@ config validator, the builder and the converters agree on them.
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from megatron_dpo.config.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ModelArchitecture:
@@ -30,7 +32,7 @@ class ModelArchitecture:
     rope_scaling_factor: Optional[float] = None
     # Sliding-window attention span (Mistral, Qwen2); None: full attention.
     # The model is built with full causal attention, which equals the window
-    # only for sequences no longer than it (models/source.py checks that).
+    # only for sequences no longer than it (check_sequence_length).
     sliding_window: Optional[int] = None
     # The Hugging Face class it converts to and from (models/conversion/registry.py).
     hf_architecture: str = "LlamaForCausalLM"
@@ -49,3 +51,13 @@ class ModelArchitecture:
     def padded_vocab_size(self, tp_size: int) -> int:
         """Vocab rounded up so each TP rank holds an equal slice (VocabParallelEmbedding)."""
         return -(-self.vocab_size // tp_size) * tp_size
+
+
+def check_sequence_length(arch: ModelArchitecture, max_length: int) -> None:
+    """Full causal attention equals a sliding window only within the window."""
+    if arch.sliding_window is not None and max_length > arch.sliding_window:
+        raise ConfigError(
+            f"policy.max_total_sequence_length({max_length}) exceeds the model's sliding_window"
+            f"({arch.sliding_window}); megatron_dpo uses full attention, which matches sliding-window "
+            f"attention only up to the window. Set policy.max_total_sequence_length <= {arch.sliding_window}."
+        )

@@ -11,7 +11,8 @@ from typing import List
 import torch
 
 from megatron_dpo.models.architecture import ModelArchitecture
-from megatron_dpo.parallel.init import ParallelContext, get_device
+from megatron_dpo.parallel.dims import ParallelDims
+from megatron_dpo.parallel.init import get_device
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -39,7 +40,7 @@ def layer_spec(arch: ModelArchitecture, use_te: bool, prefix_sharing: bool = Fal
 
 def transformer_config(
     arch: ModelArchitecture,
-    ctx: ParallelContext,
+    ctx: ParallelDims,
     precision: str,
     sequence_parallel: bool = False,
     activation_checkpointing: bool = False,
@@ -94,7 +95,7 @@ def transformer_config(
 
 def build_model(
     arch: ModelArchitecture,
-    ctx: ParallelContext,
+    ctx: ParallelDims,
     precision: str = "float32",
     sequence_parallel: bool = False,
     activation_checkpointing: bool = False,

@@ -4,19 +4,10 @@
 weights: ``policy.model_name`` may be a hub id listed here (as the shipped
 ``configs/llama3*.yaml`` are) instead of a local directory. The values are the
 checkpoints' own ``config.json`` fields and go through the same mapping as a
-local ``config.json``. Training reads local directories only: download the
-checkpoint and set ``policy.model_name`` to it.
+local ``config.json`` (checkpoint.source.resolve_architecture). Training reads
+local directories only: download the checkpoint and set ``policy.model_name``
+to it.
 """
-
-import os
-from typing import Tuple
-
-from megatron_dpo.config.errors import ConfigError
-from megatron_dpo.config.schema import PolicyConfig
-from megatron_dpo.models import presets
-from megatron_dpo.models.architecture import ModelArchitecture
-from megatron_dpo.models.conversion import registry
-from megatron_dpo.models.source import check_sequence_length, resolve_source
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
@@ -40,21 +31,3 @@ _BASE_CONFIGS = {
 }
 # The instruction-tuned releases share their base model's architecture.
 HF_CONFIGS = {**_BASE_CONFIGS, **{f"{name}-Instruct": config for name, config in _BASE_CONFIGS.items()}}
-
-
-def resolve_architecture(policy_cfg: PolicyConfig) -> Tuple[ModelArchitecture, str]:
-    """The architecture ``policy.model_name`` names, and where it came from:
-    a preset, a local HF / megatron_dpo directory, or a hub id of HF_CONFIGS."""
-    name = policy_cfg.model_name
-    if name not in HF_CONFIGS or os.path.exists(name):
-        try:
-            source = resolve_source(policy_cfg)
-        except ConfigError as error:
-            if os.path.exists(name) or presets.is_preset(name):
-                raise
-            raise ConfigError(f"{error} validate-config also knows these hub ids (no weights needed): {', '.join(HF_CONFIGS)}.") from None
-        return source.arch, f"{source.kind} {name}"
-    arch = registry.architecture_from_hf_config(HF_CONFIGS[name], name)
-    check_sequence_length(arch, policy_cfg.max_total_sequence_length)
-    return arch, f"{name} (known architecture; to train, download it and set policy.model_name to its directory)"
-

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import List, Tuple
 
 from megatron_dpo.config.schema import Config
-from megatron_dpo.config.validate import ParallelLayout
 from megatron_dpo.models.architecture import ModelArchitecture
 from megatron_dpo.models.weights import canonical_names, full_shape
+from megatron_dpo.parallel.dims import ParallelDims
 
 GIB = 2**30
 _WEIGHT_BYTES = {"float32": 4, "bfloat16": 2}
@@ -59,7 +59,7 @@ def stage_parameters(arch: ModelArchitecture, tp_size: int, pp_size: int) -> Lis
     return counts
 
 
-def _activation_bytes(arch: ModelArchitecture, cfg: Config, layout: ParallelLayout, stage: int) -> float:
+def _activation_bytes(arch: ModelArchitecture, cfg: Config, layout: ParallelDims, stage: int) -> float:
     megatron_cfg = cfg.policy.megatron_cfg
     tp = layout.tp_size
     sbh = cfg.policy.max_total_sequence_length * 2 * cfg.policy.train_micro_batch_size * arch.hidden_size
@@ -71,14 +71,14 @@ def _activation_bytes(arch: ModelArchitecture, cfg: Config, layout: ParallelLayo
     return in_flight * full_layer
 
 
-def _logits_bytes(arch: ModelArchitecture, cfg: Config, layout: ParallelLayout) -> float:
+def _logits_bytes(arch: ModelArchitecture, cfg: Config, layout: ParallelDims) -> float:
     # Output logits, then fp32 copies for the vocab-parallel log-softmax and its saved softmax.
     elements = (cfg.policy.max_total_sequence_length * 2 * cfg.policy.train_micro_batch_size
                 * arch.padded_vocab_size(layout.tp_size) // layout.tp_size)
     return elements * (_WEIGHT_BYTES[cfg.policy.precision] + 3 * 4)
 
 
-def _stage_rows(arch: ModelArchitecture, cfg: Config, layout: ParallelLayout, stage: int, params: int):
+def _stage_rows(arch: ModelArchitecture, cfg: Config, layout: ParallelDims, stage: int, params: int):
     precision = cfg.policy.precision
     weight_bytes = _WEIGHT_BYTES[precision]
     distributed = cfg.policy.megatron_cfg.optimizer.use_distributed_optimizer
@@ -98,7 +98,7 @@ def _stage_rows(arch: ModelArchitecture, cfg: Config, layout: ParallelLayout, st
     ]
 
 
-def estimate_memory(arch: ModelArchitecture, cfg: Config, layout: ParallelLayout) -> MemoryEstimate:
+def estimate_memory(arch: ModelArchitecture, cfg: Config, layout: ParallelDims) -> MemoryEstimate:
     """The estimate for the pipeline stage that needs the most memory."""
     estimates = [
         MemoryEstimate(stage, params, _stage_rows(arch, cfg, layout, stage, params))

@@ -23,7 +23,7 @@ import torch
 
 from megatron_dpo.models.architecture import ModelArchitecture
 from megatron_dpo.models.build import layer_offset, unwrap
-from megatron_dpo.parallel.init import ParallelContext
+from megatron_dpo.parallel.dims import ParallelDims
 
 # TE spec fuses the norms into the following linear layer.
 _TE_TO_LOCAL = {
@@ -64,7 +64,7 @@ def _pad_vocab(name: str, full: torch.Tensor, padded_vocab: int) -> torch.Tensor
     return torch.cat([full, padding], dim=0)
 
 
-def tp_shard(name: str, full: torch.Tensor, param: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+def tp_shard(name: str, full: torch.Tensor, param: torch.Tensor, ctx: ParallelDims) -> torch.Tensor:
     """This TP rank's slice of a full tensor, as megatron-core lays it out."""
     if not getattr(param, "tensor_model_parallel", False) or ctx.tp_size == 1:
         return full
@@ -79,7 +79,7 @@ def tp_shard(name: str, full: torch.Tensor, param: torch.Tensor, ctx: ParallelCo
 def load_full_weights(
     chunks: List[torch.nn.Module],
     arch: ModelArchitecture,
-    ctx: ParallelContext,
+    ctx: ParallelDims,
     full_tensor: Callable[[str], torch.Tensor],
 ) -> None:
     """Copy ``full_tensor(canonical_name)`` into every local shard (shape-checked)."""
@@ -150,5 +150,5 @@ def random_full_tensor(name: str, arch: ModelArchitecture, seed: int, std: float
     return torch.randn(shape, generator=generator) * std
 
 
-def init_weights(chunks: List[torch.nn.Module], arch: ModelArchitecture, ctx: ParallelContext, seed: int) -> None:
+def init_weights(chunks: List[torch.nn.Module], arch: ModelArchitecture, ctx: ParallelDims, seed: int) -> None:
     load_full_weights(chunks, arch, ctx, lambda name: random_full_tensor(name, arch, seed))

@@ -9,6 +9,9 @@ optimizer and dist_checkpointing run unchanged on gloo. Nothing is redirected
 when CUDA is present: on GPU this module only applies the bug fixes that hit
 GPU users too (each names its upstream reference).
 
+On every machine, GPU included, it also closes the pickle paths by which a
+checkpoint directory could run code (see "Safe loading" below).
+
 ``apply()`` is idempotent and must run before any model is built; the
 project's process-group setup (``parallel.init``) calls it. Nowhere else in
 the project patches a library.
@@ -16,7 +19,11 @@ the project patches a library.
 
 import copy
 import functools
+import importlib.util
+import io
 import logging
+import pickle
+import types
 
 import torch
 
@@ -164,6 +171,148 @@ def instrument_collectives(wrap) -> None:
         setattr(dist, name, wrap(getattr(dist, name)))
 
 
+# -- Safe loading: no file in a checkpoint directory runs code -----------------
+# Where torch 2.13 and megatron-core 0.16.1 unpickle what a checkpoint holds:
+# 1. torch DCP reads ``.metadata`` with plain ``pickle.load``
+#    (torch/distributed/checkpoint/filesystem.py, FileSystemReader.read_metadata;
+#    upstream: pytorch/pytorch#189308, open). -> a restricted unpickler that
+#    admits only the classes DCP metadata holds, as megatron-core writes it.
+# 2. DCP's DefaultLoadPlanner.load_bytes (default_planner.py), which megatron's
+#    MCoreLoadPlanner inherits, loads byte items (megatron ShardedObjects such
+#    as ``_extra_state``) with ``torch.load(weights_only=False)``.
+#    -> the same method with ``weights_only=True``.
+# 3. megatron-core loads ``common.pt`` and ShardedObject files with
+#    ``torch.load`` and no ``weights_only`` (dist_checkpointing/strategies/
+#    common.py), which TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns into a full
+#    unpickle. -> that module sees a ``torch`` whose ``load`` is weights-only.
+# 4. Transformer Engine's set_extra_state unpickles a non-empty extra state
+#    (FP8 scaling state) with ``pickle.loads``. megatron_dpo never trains in FP8,
+#    so its checkpoints hold the empty tensor; anything else is refused (GPU
+#    with TE only).
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file would run code when loaded; it was refused."""
+
+
+def _dcp_metadata_globals() -> frozenset:
+    dcp = "torch.distributed.checkpoint"
+    names = {
+        (f"{dcp}.metadata", name) for name in (
+            "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+            "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING",
+        )
+    }
+    names.add((f"{dcp}.filesystem", "_StorageInfo"))
+    # megatron-core caches the save plans in the metadata (Metadata.all_local_plans).
+    names.update((f"{dcp}.planner", name) for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"))
+    names.update({("torch", "Size"), ("torch.serialization", "_get_layout")})  # _get_layout: a dict lookup
+    names.update(("torch", name) for name, value in vars(torch).items() if isinstance(value, torch.dtype))
+    return frozenset(names)
+
+
+_DCP_METADATA_GLOBALS = _dcp_metadata_globals()
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file):
+        super().__init__(file)
+        self._path = getattr(file, "name", "DCP metadata")
+
+    def find_class(self, module, name):
+        if (module, name) not in _DCP_METADATA_GLOBALS:
+            raise UnsafeCheckpointError(
+                f"{self._path}: refusing to load it: it references {module}.{name}, which is not a class of "
+                "torch.distributed.checkpoint metadata, so loading it could run code. The checkpoint was not "
+                "written by megatron_dpo or was altered: do not use it."
+            )
+        return super().find_class(module, name)
+
+
+def load_dcp_metadata(file):
+    """``pickle.load`` for a DCP ``.metadata`` file, admitting only DCP metadata classes."""
+    try:
+        return _DcpMetadataUnpickler(file).load()
+    except UnsafeCheckpointError:
+        raise
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, KeyError) as error:
+        path = getattr(file, "name", "DCP metadata")
+        raise pickle.UnpicklingError(f"{path}: truncated or corrupt checkpoint metadata ({error!r})") from error
+
+
+# The stand-in for the ``pickle`` module inside torch's filesystem.py: its
+# writer's ``pickle.dump`` stays as is, ``pickle.load`` is restricted.
+_DCP_PICKLE = types.SimpleNamespace(dump=pickle.dump, load=load_dcp_metadata)
+
+
+def _load_bytes_weights_only(self, read_item, value: io.BytesIO) -> None:
+    """DefaultLoadPlanner.load_bytes of torch 2.13 with ``weights_only=True``."""
+    from torch.distributed.checkpoint._traverse import set_element
+
+    fqn = read_item.dest_index.fqn
+    try:
+        loaded = torch.load(value, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UnsafeCheckpointError(
+            f"checkpoint item {fqn!r}: refusing to load it, it holds objects a weights-only load does not "
+            f"admit ({error}). The checkpoint was not written by megatron_dpo or was altered: do not use it."
+        ) from error
+    if self.flatten_state_dict:
+        set_element(self.original_state_dict, self.mappings[fqn], loaded)
+    else:
+        self.state_dict[fqn] = loaded
+
+
+class _WeightsOnlyTorch(types.ModuleType):
+    """``torch`` for a module whose ``torch.load`` calls must stay weights-only."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(*args, **kwargs):
+        return torch.load(*args, **dict(kwargs, weights_only=True))
+
+
+def _refuse_pickled_extra_state(original):
+    @functools.wraps(original)
+    def set_extra_state(self, state):
+        empty = state is None or (isinstance(state, torch.Tensor) and state.numel() == 0)
+        if isinstance(state, io.BytesIO):  # TE < 2.0: torch.save of None when not FP8
+            state.seek(0)
+            empty = torch.load(state, map_location="cpu", weights_only=True) is None
+            state.seek(0)
+        if not empty:
+            raise UnsafeCheckpointError(
+                f"{type(self).__name__}: the checkpoint holds Transformer Engine FP8 state, which TE would "
+                "unpickle; megatron_dpo trains without FP8 and does not load it. Use a checkpoint saved "
+                "without FP8."
+            )
+        return original(self, state)
+
+    return set_extra_state
+
+
+def _patch_safe_loading() -> None:
+    from megatron.core.dist_checkpointing.strategies import common as mcore_common
+    from torch.distributed.checkpoint import default_planner, filesystem
+
+    if not (getattr(filesystem, "pickle", None) in (pickle, _DCP_PICKLE) and hasattr(mcore_common, "torch")):
+        raise RuntimeError(
+            f"megatron_dpo's safe checkpoint loading is written for torch 2.13 / megatron-core "
+            f"{SUPPORTED_MEGATRON_CORE}; found torch {torch.__version__}, whose checkpoint reader moved. "
+            "Re-verify megatron_dpo/parallel/compat.py (Safe loading) against it."
+        )
+    filesystem.pickle = _DCP_PICKLE
+    default_planner.DefaultLoadPlanner.load_bytes = _load_bytes_weights_only
+    mcore_common.torch = _WeightsOnlyTorch("torch")
+    if cuda_available() and importlib.util.find_spec("transformer_engine") is not None:
+        from transformer_engine.pytorch.module.base import TransformerEngineBaseModule
+
+        TransformerEngineBaseModule.set_extra_state = _refuse_pickled_extra_state(
+            TransformerEngineBaseModule.set_extra_state)
+
+
 def apply() -> None:
     """Adapt megatron-core to this machine. Safe to call more than once."""
     global _applied
@@ -173,4 +322,5 @@ def apply() -> None:
         _check_version()
         _patch_torch_for_cpu()
         _patch_megatron_for_cpu()
+    _patch_safe_loading()
     _applied = True

@@ -1,45 +1,22 @@
 """Process groups: the one place that starts torch.distributed and megatron-core's
 ``parallel_state``, and the one place that picks the device and backend.
 
-Everything downstream receives a ``ParallelContext`` (ranks, sizes, groups)
-instead of reading globals; megatron-core's own schedules still consult its
-``parallel_state`` globals, which ``init_parallel`` sets up.
+Everything downstream receives the run's ``ParallelDims`` (sizes, ranks,
+groups; parallel/dims.py) instead of reading globals; megatron-core's own
+schedules still consult its ``parallel_state`` globals, which ``init_parallel``
+sets up.
 """
 
 import datetime
 import os
 import socket
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_dpo.parallel import compat
-
-
-@dataclass(frozen=True)
-class ParallelContext:
-    rank: int
-    world_size: int
-    tp_size: int
-    tp_rank: int
-    pp_size: int
-    pp_rank: int
-    dp_size: int
-    dp_rank: int
-    vpp_size: Optional[int]
-    dp_group: object
-    tp_group: object
-    pp_group: object
-
-    @property
-    def is_rank0(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp_size - 1
+from megatron_dpo.parallel.dims import ParallelDims
 
 
 def get_device() -> torch.device:
@@ -74,12 +51,16 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     )
 
 
-def init_parallel(tp_size: int, pp_size: int, vpp_size: Optional[int], seed: int) -> ParallelContext:
-    """Create megatron-core's TP/PP/DP groups and seed every rank's RNG streams."""
+def init_parallel(dims: ParallelDims, seed: int) -> ParallelDims:
+    """Create megatron-core's TP/PP/DP groups for ``dims``' sizes and seed every
+    rank's RNG streams; returns ``dims`` with this rank's ranks and groups."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     init_distributed()
+    if dist.get_world_size() != dims.world_size:
+        raise ValueError(f"{dims.describe()} does not match the world size {dist.get_world_size()}")
+    tp_size, pp_size, vpp_size = dims.tp_size, dims.pp_size, dims.vpp_size
     # Already set up with these sizes: keep the groups, which models built
     # before still use (scripts/benchmark.py holds several runs at once).
     if not _initialized_as(tp_size, pp_size, vpp_size):
@@ -94,16 +75,12 @@ def init_parallel(tp_size: int, pp_size: int, vpp_size: Optional[int], seed: int
     # agree), a TP-rank-specific one inside megatron's RNG tracker.
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    return ParallelContext(
+    assert parallel_state.get_data_parallel_world_size() == dims.dp_size
+    return dims.with_ranks(
         rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
-        tp_size=tp_size,
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-        pp_size=pp_size,
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-        dp_size=parallel_state.get_data_parallel_world_size(),
         dp_rank=parallel_state.get_data_parallel_rank(),
-        vpp_size=vpp_size,
         dp_group=parallel_state.get_data_parallel_group(),
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         pp_group=parallel_state.get_pipeline_model_parallel_group(),

@@ -20,11 +20,11 @@ from typing import Dict, List
 
 import torch
 
+from megatron_dpo.checkpoint.source import ModelSource, resolve_source
 from megatron_dpo.config import load_config
 from megatron_dpo.data import TokenizeResult, make_microbatches
 from megatron_dpo.models.architecture import ModelArchitecture
 from megatron_dpo.models.presets import TINY_TOKENIZER_DIR
-from megatron_dpo.models.source import ModelSource, resolve_source
 from megatron_dpo.parallel.init import get_device, init_distributed
 from megatron_dpo.perf.flops import matmul_params, matmul_peak, step_flops
 from megatron_dpo.perf.synthetic import LENGTH_CHOICES, synthetic_pairs
@@ -99,8 +99,8 @@ def setup_runs(args, configs) -> Dict[str, object]:
     runs = {}
     for name, cfg in configs.items():
         datasets = {"train": TokenizeResult(copy.deepcopy(pairs), num_dropped=0, num_truncated=0)}
-        runs[name] = setup_run(cfg, source, datasets)
-    layouts = {run.layout for run in runs.values()}
+        runs[name] = setup_run(cfg, source, datasets, use_run_dir=False)
+    layouts = {tuple(run.dims.sizes().items()) for run in runs.values()}
     if len(layouts) > 1:
         raise ValueError(f"variants must share one parallel layout; got {layouts}")
     return runs
@@ -113,7 +113,7 @@ def global_pairs(run, step: int, global_batch: int):
 
 def rank_pairs(run, step: int, global_batch: int):
     """This DP rank's share of step ``step``'s global batch."""
-    return global_pairs(run, step, global_batch)[run.ctx.dp_rank::run.ctx.dp_size]
+    return global_pairs(run, step, global_batch)[run.dims.dp_rank::run.dims.dp_size]
 
 
 def timed_step(run, pairs, comm: CommTimer) -> dict:
@@ -201,8 +201,8 @@ def report(args, runs, records, peaks, memory) -> dict:
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "threads_per_rank": torch.get_num_threads(),
-        "world_size": run.ctx.world_size,
-        "layout": {"tp": run.ctx.tp_size, "pp": run.ctx.pp_size, "dp": run.ctx.dp_size},
+        "world_size": run.dims.world_size,
+        "layout": {"tp": run.dims.tp_size, "pp": run.dims.pp_size, "dp": run.dims.dp_size},
         "model": dict(arch.to_dict(), matmul_params=matmul_params(arch), precision=run.cfg.policy.precision),
         "data": {"lengths": args.lengths, "max_length": args.max_length, "global_batch_pairs": args.global_batch,
                  "micro_batch_pairs": args.micro_batch, "warmup_steps": args.warmup, "measured_steps": args.steps},

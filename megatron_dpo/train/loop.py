@@ -13,19 +13,23 @@ abort (``dpo.max_consecutive_nonfinite``).
 
 import logging
 import os
+import shlex
+import sys
 import time
 from typing import Dict, Optional
 
-from megatron_dpo.checkpoint.fingerprint import data_fingerprint, tokenizer_fingerprint
-from megatron_dpo.checkpoint.hf_export import check_export_dir, megatron_to_hf
-from megatron_dpo.checkpoint.save import is_complete, prune_checkpoints, save_checkpoint, step_dir
+from megatron_dpo.checkpoint.fingerprint import tokenizer_fingerprint
+from megatron_dpo.checkpoint.files import CONFIG_FILE, is_complete, step_dir
+from megatron_dpo.checkpoint.hf_export import megatron_to_hf
+from megatron_dpo.checkpoint.errors import CheckpointSaveError
+from megatron_dpo.checkpoint.save import ModelFiles, prune_checkpoints, save_checkpoint
 from megatron_dpo.config.load import config_to_dict, save_config
 from megatron_dpo.config.schema import Config
 from megatron_dpo.data import PairSampler
 from megatron_dpo.logging import MetricsLogger, Progress, format_val_line, print_summary, print_val_samples, write_summary
 from megatron_dpo.logging.files import json_safe
 from megatron_dpo.train.errors import NonFiniteError
-from megatron_dpo.train.resume import TrainState, checkpoint_state, prepare_run_dir, restore
+from megatron_dpo.train.resume import TrainState, checkpoint_state, restore
 from megatron_dpo.train.setup import Run, setup_run
 from megatron_dpo.train.signals import StopRequests
 from megatron_dpo.train.step import train_step
@@ -39,21 +43,21 @@ class Trainer:
         self.run = run
         self.cfg = run.cfg
         self.run_dir = run.cfg.checkpointing.checkpoint_dir
-        self.is_rank0 = run.ctx.is_rank0
+        self.is_rank0 = run.dims.is_rank0
         self.sampler = PairSampler(
-            len(run.train_data.pairs), run.cfg.policy.train_global_batch_size, run.ctx.dp_rank,
-            run.ctx.dp_size, run.cfg.data.shuffle, run.cfg.dpo.seed,
+            len(run.train_data.pairs), run.cfg.policy.train_global_batch_size, run.dims.dp_rank,
+            run.dims.dp_size, run.cfg.data.shuffle, run.cfg.dpo.seed,
         )
         self.progress: Optional[Progress] = None
         self.fingerprints = {"tokenizer": tokenizer_fingerprint(run.tokenizer),
-                             "data": data_fingerprint(run.train_data.pairs)}
-        resume_dir = prepare_run_dir(run.cfg, self.is_rank0)
-        self.resumed = resume_dir is not None
-        self.state = restore(run, resume_dir, self.sampler, self.fingerprints) if self.resumed else TrainState()
+                             "data": run.train_data.fingerprint}
+        self.state, resumed_from = restore(run, self.sampler, self.fingerprints) if run.resume_dir else (
+            TrainState(), None)
+        self.resumed = resumed_from is not None
         if self.resumed:
-            self._write(f"resumed from {resume_dir} (step {self.step}, {self.sampler.consumed_pairs} pairs seen)")
+            self._write(f"resumed from {resumed_from} (step {self.step}, {self.sampler.consumed_pairs} pairs seen)")
         if self.is_rank0:
-            save_config(run.cfg, os.path.join(self.run_dir, "config.yaml"))
+            save_config(run.cfg, os.path.join(self.run_dir, CONFIG_FILE))
         self.metrics_logger = MetricsLogger(
             self.run_dir, run.cfg.logger, self.is_rank0, config_to_dict(run.cfg),
             resume_step=self.step if self.resumed else None,
@@ -67,8 +71,6 @@ class Trainer:
         self.max_save_seconds = 0.0
         self.start_time = time.perf_counter()
         self.total_tokens = 0.0
-        if run.cfg.checkpointing.export_hf_dir is not None:  # refuse a bad target before training
-            check_export_dir(run.cfg.checkpointing.export_hf_dir)
 
     @property
     def step(self) -> int:
@@ -84,7 +86,7 @@ class Trainer:
                 self.state.val_history.append(dict(metrics, step=self.step))
             if self.is_rank0:
                 self._write(format_val_line(self.step, metrics, split))
-                if samples and self.run.ctx.dp_rank == 0:
+                if samples and self.run.dims.dp_rank == 0:
                     print_val_samples(samples, num_samples)
         if self.is_rank0 and self.run.val_data:
             self._plot()
@@ -98,9 +100,21 @@ class Trainer:
     def _save(self) -> None:
         if not self.cfg.checkpointing.enabled or self.last_saved_step == self.step:
             return
+        if self.state.consecutive_nonfinite:  # never checkpoint a step whose loss or gradient norm was NaN/inf
+            self._write(f"step {self.step} had a non-finite loss or gradient norm: not saved (the last saved "
+                        f"step is {self.last_saved_step})")
+            return
         start = time.perf_counter()
-        state = checkpoint_state(self.run, self.state, self.sampler, self.fingerprints, json_safe(self.step_metrics))
-        path = save_checkpoint(self.run, self.step, state)
+        run = self.run
+        state = checkpoint_state(run.dims, self.state, self.sampler, self.fingerprints, json_safe(self.step_metrics))
+        try:
+            path = save_checkpoint(self.run_dir, self.step, run.policy, run.optimizer, run.scheduler, state,
+                                   run.dims.rank, ModelFiles(run.cfg, run.arch, run.tokenizer))
+        except CheckpointSaveError as error:
+            newest = "no complete checkpoint yet" if self.last_saved_step is None else (
+                f"the newest complete checkpoint is step_{self.last_saved_step}")
+            raise CheckpointSaveError(f"{error}. Nothing complete was touched: {newest}. Free space (or fix the "
+                                      "file system) and run the same command again to continue.") from error
         if self.is_rank0:
             prune_checkpoints(self.cfg.checkpointing)
         self.last_saved_step = self.step
@@ -122,9 +136,19 @@ class Trainer:
         if self.state.consecutive_nonfinite >= limit:
             raise NonFiniteError(
                 f"{limit} consecutive steps (up to step {self.step}) had a non-finite loss or gradient norm "
-                f"(dpo.max_consecutive_nonfinite={limit}); the run diverged. Resume from the last checkpoint "
-                "with a lower policy.megatron_cfg.optimizer.lr, policy.precision=float32, or check the data."
+                f"(dpo.max_consecutive_nonfinite={limit}); the run diverged. {self._resume_hint()} Lower "
+                "policy.megatron_cfg.optimizer.lr, set policy.precision=float32, or check the data."
             )
+
+    def _resume_hint(self) -> str:
+        """Where the last good state is, and the command that continues from it."""
+        if self.last_saved_step is None:
+            return "No checkpoint of this run was saved: start it again."
+        last_good = os.path.abspath(step_dir(self.run_dir, self.last_saved_step))
+        nproc = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        command = " ".join(shlex.quote(arg) for arg in sys.argv)
+        return (f"The last good checkpoint is step {self.last_saved_step} ({last_good}); continue from it with: "
+                f"torchrun --nproc_per_node={nproc} {command} checkpointing.resume={shlex.quote(last_good)}")
 
     def _stop_reason(self, iteration_start: float) -> Optional[str]:
         """Collective: whether every rank stops now (signal or time budget)."""
@@ -191,9 +215,8 @@ class Trainer:
         run = self.run
         train = run.train_data
         self._write(
-            f"megatron_dpo: {run.layout.world_size} rank(s) = TP {run.layout.tp_size} x PP {run.layout.pp_size}"
-            f" x DP {run.layout.dp_size}; {len(train.pairs)} train pairs, {run.total_steps} steps of "
-            f"{self.cfg.policy.train_global_batch_size} pairs ({run.layout.num_microbatches} micro-batches per rank)"
+            f"megatron_dpo: {run.dims.describe()}; {len(train.pairs)} train pairs, {run.total_steps} steps "
+            f"of {self.cfg.policy.train_global_batch_size} pairs"
         )
         for name, data in {"train": train, **run.val_data}.items():
             if data.num_dropped or data.num_truncated:
@@ -247,4 +270,9 @@ def train(cfg: Config) -> Dict[str, object]:
     # Listen for stop signals before the (long) setup: a preemption notice that
     # arrives while models load is honoured after the first step, not lost.
     stop_requests = StopRequests(cfg.checkpointing.checkpoint_must_save_by)
-    return Trainer(setup_run(cfg), stop_requests).fit()
+    run = setup_run(cfg)
+    try:
+        return Trainer(run, stop_requests).fit()
+    finally:
+        if run.lock is not None:
+            run.lock.release()

@@ -33,9 +33,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron_dpo.checkpoint.fingerprint import data_fingerprint
 from megatron_dpo.config.schema import Config
-from megatron_dpo.models.source import ModelSource
+from megatron_dpo.checkpoint.source import ModelSource
 
 CACHE_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -60,9 +59,10 @@ def model_identity(source: ModelSource, seed: int) -> dict:
     return {"kind": source.kind, "path": root, "files": files}
 
 
-def cache_identity(pairs, model: dict, precision: str) -> Tuple[str, dict]:
-    """(key, identity) of one data set's cache."""
-    identity = {"version": CACHE_VERSION, "tokens": data_fingerprint(pairs), "num_pairs": len(pairs),
+def cache_identity(data, model: dict, precision: str) -> Tuple[str, dict]:
+    """(key, identity) of one data set's cache; ``data``: a tokenized data set
+    (its ``fingerprint`` covers every pair's token ids)."""
+    identity = {"version": CACHE_VERSION, "tokens": data.fingerprint, "num_pairs": len(data.pairs),
                 "model": model, "precision": precision}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
     return key, identity

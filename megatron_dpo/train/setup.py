@@ -1,23 +1,40 @@
-"""Assemble a run: process groups, data, reference log-probs, policy, optimizer."""
+"""Assemble a run, in the startup order of DESIGN.md: config -> parallel layout
+-> resume source -> data -> models (each weight read once) -> optimizer.
+
+What is decided before any model is built: the layout (``ParallelDims``) and
+where the policy's weights come from (``resume_dir``: a checkpoint, or None
+for the source). Then every weight is read at most once per process:
+- fresh start: the policy reads the source; an online reference copies the
+  policy's freshly loaded weights; a missing reference cache is computed by
+  the policy itself before its first update (policy == reference then);
+- resume: the policy is filled from the checkpoint only (with the optimizer,
+  train/resume.py); an online reference reads the source once; a cached
+  reference reads nothing, or the source once if a cache is missing.
+"""
 
 import logging
+import os
 from dataclasses import dataclass
-from functools import partial
 from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 
+from megatron_dpo.checkpoint.hf_export import check_export_dir
+from megatron_dpo.checkpoint.lock import RunLock
+from megatron_dpo.checkpoint.source import ModelSource, load_source_weights, load_tokenizer, resolve_source
 from megatron_dpo.config.schema import Config, LossConfig
-from megatron_dpo.config.validate import ParallelLayout, resolve_layout, resolve_val_num_microbatches
-from megatron_dpo.data import DataError, TokenizeResult, build_dataset, split_paths
+from megatron_dpo.config.validate import resolve_val_num_microbatches
+from megatron_dpo.data import DataError, TokenizeResult, open_tokenized, split_paths
 from megatron_dpo.logging import timed
-from megatron_dpo.loss.registry import NEEDS_GT_REWARDS
+from megatron_dpo.loss.registry import NEEDS_GT_REWARDS, check_loss_config
 from megatron_dpo.models.architecture import ModelArchitecture
 from megatron_dpo.models.build import build_model
-from megatron_dpo.models.source import ModelSource, load_tokenizer, load_weights, resolve_source
-from megatron_dpo.parallel.init import ParallelContext, init_distributed, init_parallel
+from megatron_dpo.parallel.dims import ParallelDims
+from megatron_dpo.parallel.init import init_distributed, init_parallel
+from megatron_dpo.train import reference as reference_logps
 from megatron_dpo.train.optimizer import build_optimizer, build_scheduler, install_schedule_hooks, wrap_ddp
-from megatron_dpo.train.reference import build_caches, prepare_reference
+from megatron_dpo.train.resume import claim_run_dir, on_rank0, prepare_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +42,10 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Run:
     cfg: Config
-    ctx: ParallelContext
-    layout: ParallelLayout
+    dims: ParallelDims
     source: ModelSource
-    arch: ModelArchitecture
     tokenizer: object
-    pad_id: int
+    # A TokenizedDataset (memory-mapped cache), or a TokenizeResult given by the caller.
     train_data: TokenizeResult
     # Validation sets by metric split: "val", "val/<name>" (see data.split_paths).
     val_data: Dict[str, TokenizeResult]
@@ -41,6 +56,19 @@ class Run:
     optimizer: object
     scheduler: object
     total_steps: int
+    # The step directory the policy continues from (train/resume.py loads it);
+    # None: a fresh start from the source.
+    resume_dir: Optional[str]
+    # Rank 0's lock on checkpointing.checkpoint_dir (None on other ranks).
+    lock: Optional[RunLock] = None
+
+    @property
+    def arch(self) -> ModelArchitecture:
+        return self.source.arch
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
 
     @property
     def loss_cfg(self) -> LossConfig:
@@ -59,87 +87,147 @@ def total_steps(cfg: Config, num_train_pairs: int) -> int:
     return steps
 
 
-def _load_data(cfg: Config, tokenizer) -> Dict[str, TokenizeResult]:
+def _load_data(cfg: Config, tokenizer, paths: Dict[str, str]) -> Dict[str, TokenizeResult]:
     """Every data set by split name ("train", "val", "val/<name>")."""
     max_length = cfg.policy.max_total_sequence_length
-    with timed("loading and tokenizing the data"):
-        datasets = {name: build_dataset(path, cfg.data, tokenizer, max_length)
-                    for name, path in split_paths(cfg.data).items()}
-    _check_gt_rewards(cfg, datasets)
+    cache_dir = cfg.data.cache_dir or os.path.join(cfg.checkpointing.checkpoint_dir, "tokenized_cache")
+    with timed(f"opening the tokenized data ({cache_dir})"):
+        datasets = {name: open_tokenized(path, cfg.data, tokenizer, max_length, cache_dir)
+                    for name, path in paths.items()}
+    for name, data in datasets.items():  # fail here, not at the first validation
+        if name != "train" and len(data.pairs) < cfg.dpo.val_global_batch_size:
+            raise DataError(
+                f"{paths[name]} ({name}) holds {len(data.pairs)} usable pairs, fewer than one validation batch "
+                f"(dpo.val_global_batch_size={cfg.dpo.val_global_batch_size}): add pairs, or lower "
+                "dpo.val_global_batch_size (a multiple of dpo.val_micro_batch_size x data-parallel size)"
+            )
+    if cfg.loss_fn.preference_loss in NEEDS_GT_REWARDS:  # fail here, not in the first step
+        for name, path in paths.items():
+            if datasets[name].pairs[0].chosen_reward is None:
+                raise DataError(
+                    f"loss_fn.preference_loss={cfg.loss_fn.preference_loss} needs ground-truth rewards, but "
+                    f"{path} has no 'chosen_reward' / 'rejected_reward' fields; add them to every record, "
+                    "or pick a loss without them (e.g. loss_fn.preference_loss=dpo)"
+                )
     return datasets
 
 
-def _check_gt_rewards(cfg: Config, datasets: Dict[str, TokenizeResult]) -> None:
-    """A loss that needs the data's rewards fails here, not in the first step."""
-    if cfg.loss_fn.preference_loss not in NEEDS_GT_REWARDS:
-        return
-    for name, path in split_paths(cfg.data).items():
-        if datasets[name].pairs[0].chosen_reward is None:
-            raise DataError(
-                f"loss_fn.preference_loss={cfg.loss_fn.preference_loss} needs ground-truth rewards, but "
-                f"{path} has no 'chosen_reward' / 'rejected_reward' fields; add them to every record, "
-                "or pick a loss without them (e.g. loss_fn.preference_loss=dpo)"
-            )
-
-
-def build_chunks(cfg: Config, source: ModelSource, ctx: ParallelContext, trainable: bool) -> List[torch.nn.Module]:
-    """This rank's chunks of a model with the source's weights: the policy
-    (trainable) or the frozen reference (no grads, no optimizer state); both
-    of one layout."""
+def build_chunks(cfg: Config, arch: ModelArchitecture, dims: ParallelDims, trainable: bool) -> List[torch.nn.Module]:
+    """This rank's chunks of the policy (trainable) or the frozen reference (no
+    grads, no optimizer state), both of one layout; weights not yet loaded."""
     megatron_cfg = cfg.policy.megatron_cfg
-    with timed(f"building the {'policy' if trainable else 'reference'} and loading its weights ({source.path})"):
-        chunks = build_model(
-            source.arch, ctx, cfg.policy.precision, megatron_cfg.sequence_parallel,
-            megatron_cfg.activation_checkpointing, trainable=trainable, prefix_sharing=cfg.data.prefix_sharing,
-        )
-        load_weights(chunks, source, ctx, cfg.dpo.seed)
+    return build_model(arch, dims, cfg.policy.precision, megatron_cfg.sequence_parallel,
+                       megatron_cfg.activation_checkpointing, trainable=trainable,
+                       prefix_sharing=cfg.data.prefix_sharing)
+
+
+def build_from_source(cfg: Config, source: ModelSource, dims: ParallelDims, trainable: bool) -> List[torch.nn.Module]:
+    """Model chunks filled from the source: one read of its weights."""
+    with timed(f"building the {'policy' if trainable else 'reference'} and reading its weights ({source.path})"):
+        chunks = build_chunks(cfg, source.arch, dims, trainable)
+        load_source_weights(chunks, source, dims, cfg.dpo.seed)
     return chunks
 
 
-def _prepare(cfg: Config, source: Optional[ModelSource] = None,
-             datasets: Optional[Dict[str, TokenizeResult]] = None):
-    """Process groups, model source, tokenizer and data: what precedes the models."""
+@torch.no_grad()
+def copy_weights(source_chunks: List[torch.nn.Module], target_chunks: List[torch.nn.Module]) -> None:
+    """Fill ``target`` from ``source`` of the same build (layout, dtype): no disk read."""
+    for source_chunk, target_chunk in zip(source_chunks, target_chunks, strict=True):
+        for (name, param), (target_name, target) in zip(source_chunk.named_parameters(),
+                                                        target_chunk.named_parameters(), strict=True):
+            assert name == target_name and param.shape == target.shape, (name, target_name)
+            target.copy_(param)
+
+
+def _prepare(cfg: Config, source: Optional[ModelSource]):
+    """Process groups, model source, layout and tokenizer: what precedes data and models."""
+    check_loss_config(cfg.loss_fn)
     init_distributed()
     source = source or resolve_source(cfg.policy)
     arch = source.arch
-    world_size = torch.distributed.get_world_size()
-    layout = resolve_layout(cfg.policy, world_size, arch.num_layers, arch.num_attention_heads, arch.num_query_groups)
-    if len(split_paths(cfg.data)) > 1:
-        resolve_val_num_microbatches(cfg.dpo, layout)
-    ctx = init_parallel(layout.tp_size, layout.pp_size, layout.vpp_size, cfg.dpo.seed)
+    dims = ParallelDims.resolve(cfg.policy, dist.get_world_size(), arch.num_layers, arch.num_attention_heads,
+                                arch.num_query_groups)
+    paths = split_paths(cfg.data)
+    if len(paths) > 1:
+        resolve_val_num_microbatches(cfg.dpo, dims)
+    dims = init_parallel(dims, cfg.dpo.seed)
     tokenizer = load_tokenizer(source, cfg.policy.tokenizer.chat_template)
-    return source, layout, ctx, tokenizer, datasets if datasets is not None else _load_data(cfg, tokenizer)
+    return source, dims, paths, tokenizer
 
 
 def precompute_reference(cfg: Config) -> None:
     """Load, or compute and store, the reference caches of every data set;
     no training (scripts/precompute_reference.py)."""
-    source, layout, ctx, tokenizer, datasets = _prepare(cfg)
-    build_caches(cfg, source, ctx, layout, tokenizer.pad_token_id, datasets,
-                 partial(build_chunks, cfg, source, ctx, trainable=False))
+    source, dims, paths, tokenizer = _prepare(cfg, None)
+    lock = on_rank0(lambda: claim_run_dir(cfg.checkpointing.checkpoint_dir), dims)  # the caches live there
+    datasets = _load_data(cfg, tokenizer, paths)
+    found, missing = reference_logps.load_caches(cfg, source, datasets)
+    if missing:
+        reference = build_from_source(cfg, source, dims, trainable=False)
+        reference_logps.compute_caches(cfg, dims, source.arch.vocab_size, tokenizer.pad_token_id, datasets,
+                                       missing, paths, reference)
+    if lock is not None:  # rank 0
+        lock.release()
+
+
+def build_models(cfg: Config, source: ModelSource, dims: ParallelDims, resume_dir: Optional[str], pad_id: int,
+                 datasets: Dict[str, TokenizeResult], paths: Dict[str, str]):
+    """(policy chunks, reference chunks) with each weight read at most once
+    (see the module docstring); cached / none: every pair of ``datasets``
+    (read from ``paths``) gets its reference log-probs and the reference
+    chunks are []."""
+    mode, vocab_size = cfg.reference.mode, source.arch.vocab_size
+    found, missing = reference_logps.load_caches(cfg, source, datasets) if mode == "cached" else ({}, {})
+    if missing and resume_dir is not None:
+        # The policy comes from the checkpoint: the reference needs the source,
+        # built, run and freed before the policy takes its memory.
+        reference = build_from_source(cfg, source, dims, trainable=False)
+        found.update(reference_logps.compute_caches(cfg, dims, vocab_size, pad_id, datasets, missing, paths,
+                                                    reference))
+        del reference
+        reference_logps.free_memory()
+        missing = {}
+    if resume_dir is None:
+        policy = build_from_source(cfg, source, dims, trainable=True)
+    else:  # train/resume.py fills it (and the optimizer) from the checkpoint
+        policy = build_chunks(cfg, source.arch, dims, trainable=True)
+    if missing:  # fresh start: the policy is the reference until its first update
+        found.update(reference_logps.compute_caches(cfg, dims, vocab_size, pad_id, datasets, missing, paths, policy))
+    if mode == "online":
+        if resume_dir is None:
+            reference = build_chunks(cfg, source.arch, dims, trainable=False)
+            copy_weights(policy, reference)
+        else:
+            reference = build_from_source(cfg, source, dims, trainable=False)
+        return policy, reference
+    for name, data in datasets.items():
+        logps = found[name] if mode == "cached" else torch.zeros(len(data.pairs), 2)  # none: reference-free
+        data.set_reference_logps(logps)
+    return policy, []
 
 
 def setup_run(cfg: Config, source: Optional[ModelSource] = None,
-              datasets: Optional[Dict[str, TokenizeResult]] = None) -> Run:
+              datasets: Optional[Dict[str, TokenizeResult]] = None, use_run_dir: bool = True) -> Run:
     """``source`` and ``datasets`` ("train", ...) stand in for policy.model_name
-    and the data files when given (scripts/benchmark.py's synthetic model and pairs)."""
-    source, layout, ctx, tokenizer, datasets = _prepare(cfg, source, datasets)
-    arch = source.arch
-    megatron_cfg = cfg.policy.megatron_cfg
+    and the data files when given, and ``use_run_dir=False`` starts fresh
+    without looking at checkpoint_dir (scripts/benchmark.py's synthetic runs)."""
+    source, dims, paths, tokenizer = _prepare(cfg, source)
+    # Decided before any model is built: where the policy's weights come from.
+    resume_dir, lock = prepare_run_dir(cfg, dims) if use_run_dir else (None, None)
+    if cfg.checkpointing.export_hf_dir is not None:  # refuse a bad target before training
+        sources = [path for path in (cfg.policy.model_name, cfg.checkpointing.checkpoint_dir) if os.path.isdir(path)]
+        on_rank0(lambda: check_export_dir(cfg.checkpointing.export_hf_dir, sources), dims)
+    datasets = dict(datasets) if datasets is not None else _load_data(cfg, tokenizer, paths)
+    policy, reference = build_models(cfg, source, dims, resume_dir, tokenizer.pad_token_id, datasets, paths)
     train_data = datasets.pop("train")
     steps = total_steps(cfg, len(train_data.pairs))
-    # Before the policy: a cached-mode reference is built, run and freed
-    # before the policy takes its memory.
-    reference = prepare_reference(cfg, source, ctx, layout, tokenizer.pad_token_id, {"train": train_data, **datasets},
-                                  partial(build_chunks, cfg, source, ctx, trainable=False))
-    policy = build_chunks(cfg, source, ctx, trainable=True)
+    megatron_cfg = cfg.policy.megatron_cfg
     policy = wrap_ddp(policy, megatron_cfg.optimizer.use_distributed_optimizer)
     optimizer = build_optimizer(policy, megatron_cfg, cfg.policy.precision, cfg.policy.max_grad_norm)
     scheduler = build_scheduler(optimizer, megatron_cfg, steps)
     install_schedule_hooks(policy, optimizer)
     return Run(
-        cfg=cfg, ctx=ctx, layout=layout, source=source, arch=arch, tokenizer=tokenizer,
-        pad_id=tokenizer.pad_token_id, train_data=train_data, val_data=datasets,
-        policy=policy, reference=reference, optimizer=optimizer, scheduler=scheduler,
-        total_steps=steps,
+        cfg=cfg, dims=dims, source=source, tokenizer=tokenizer, train_data=train_data, val_data=datasets,
+        policy=policy, reference=reference, optimizer=optimizer, scheduler=scheduler, total_steps=steps,
+        resume_dir=resume_dir, lock=lock,
     )

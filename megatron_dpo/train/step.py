@@ -3,15 +3,16 @@
 import math
 import time
 from contextlib import nullcontext
-from typing import Callable, ContextManager, Dict, List, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megatron_dpo.config.schema import DataConfig
 from megatron_dpo.data import TokenizedPair, make_microbatches
-from megatron_dpo.parallel.init import ParallelContext, get_device
-from megatron_dpo.parallel.schedule import METRIC_SUMS, policy_pass, reference_pass
+from megatron_dpo.parallel.dims import ParallelDims
+from megatron_dpo.parallel.init import get_device
+from megatron_dpo.train.schedule import METRIC_SUMS, PolicyPassResult, policy_pass, reference_pass
 
 # timer(phase) -> a context manager around "reference", "policy", "optimizer"
 # (scripts/benchmark.py times them; training passes none).
@@ -27,33 +28,43 @@ def device_microbatches(pairs: List[TokenizedPair], micro_batch_size: int, pad_i
             for batch in microbatches]
 
 
-def fill_reference_logps(run, microbatches: List[dict], seq_length: int) -> None:
-    """Online: run the reference over the micro-batches. Cached / none: the
-    pairs carried their reference log-probs into each micro-batch (collate)."""
-    if run.reference:
-        reference_pass(run.reference, microbatches, seq_length, run.arch.vocab_size)
-    else:
-        assert "reference_logps" in microbatches[0], "no reference model and no reference log-probs in the batch"
+def reference_logps_of(run, microbatches: List[dict], seq_length: int) -> List[Optional[torch.Tensor]]:
+    """Per micro-batch, the [2B] reference log-probs (None off the last stage).
+    Online: a pass of the reference; cached / none: the pairs carried them
+    into each micro-batch (collate)."""
+    if not run.reference:
+        return [batch["reference_logps"] for batch in microbatches]
+    logps = reference_pass(run.reference, microbatches, seq_length, run.arch.vocab_size)
+    return logps or [None] * len(microbatches)
+
+
+def _policy_pass(run, microbatches: List[dict], timer: PhaseTimer, forward_only: bool) -> PolicyPassResult:
+    seq_length = microbatches[0]["tokens"].shape[1]
+    with timer("reference"):
+        reference_logps = reference_logps_of(run, microbatches, seq_length)
+    with timer("policy"):
+        return policy_pass(run.policy, microbatches, reference_logps, seq_length, run.arch.vocab_size,
+                           run.loss_cfg, forward_only=forward_only)
 
 
 def num_real_tokens(pairs: List[TokenizedPair]) -> int:
     return sum(len(pair.chosen_ids) + len(pair.rejected_ids) for pair in pairs)
 
 
-def sum_last_stage_shares(values: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+def sum_last_stage_shares(values: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
     """Every rank gets the sum over DP ranks of what each DP rank's last
     pipeline stage holds (other stages hold zeros). TP ranks already agree,
     so there is no reduction over TP."""
     values = values.to(get_device())
-    dist.all_reduce(values, group=ctx.pp_group)
-    dist.all_reduce(values, group=ctx.dp_group)
+    dist.all_reduce(values, group=dims.pp_group)
+    dist.all_reduce(values, group=dims.dp_group)
     return values.cpu()
 
 
-def reduce_metrics(sums: torch.Tensor, num_tokens: int, ctx: ParallelContext) -> Dict[str, float]:
+def reduce_metrics(sums: torch.Tensor, num_tokens: int, dims: ParallelDims) -> Dict[str, float]:
     """The global means of the per-pair sums (divided by the global pair count)."""
-    values = torch.cat([sums, torch.tensor([float(num_tokens if ctx.is_last_stage else 0)], dtype=torch.float64)])
-    values = sum_last_stage_shares(values, ctx)
+    values = torch.cat([sums, torch.tensor([float(num_tokens if dims.is_last_stage else 0)], dtype=torch.float64)])
+    values = sum_last_stage_shares(values, dims)
     num_pairs = values[len(METRIC_SUMS)].item()
     metrics = {name: values[i].item() / num_pairs for i, name in enumerate(METRIC_SUMS)}
     metrics["num_pairs"] = num_pairs
@@ -65,15 +76,11 @@ def train_step(run, pairs: List[TokenizedPair], timer: PhaseTimer = nullcontext)
     """Reference pass, policy forward/backward, optimizer and LR step."""
     start = time.perf_counter()
     microbatches = device_microbatches(pairs, run.micro_batch_size, run.pad_id, run.cfg.data)
-    seq_length = microbatches[0]["tokens"].shape[1]
     for chunk in run.policy:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
-    with timer("reference"):
-        fill_reference_logps(run, microbatches, seq_length)
-    with timer("policy"):
-        sums = policy_pass(run.policy, microbatches, seq_length, run.arch.vocab_size, run.loss_cfg)
-    metrics = reduce_metrics(sums, num_real_tokens(pairs), run.ctx)
+    result = _policy_pass(run, microbatches, timer, forward_only=False)
+    metrics = reduce_metrics(result.sums, num_real_tokens(pairs), run.dims)
     with timer("optimizer"):
         updated, grad_norm = optimizer_step(run, metrics["loss"])
     step_time = time.perf_counter() - start
@@ -116,12 +123,8 @@ def optimizer_step(run, loss: float) -> Tuple[bool, float]:
 
 
 @torch.no_grad()
-def eval_batch(run, pairs: List[TokenizedPair], micro_batch_size: int):
+def eval_batch(run, pairs: List[TokenizedPair], micro_batch_size: int) -> PolicyPassResult:
     """Metric sums (METRIC_SUMS + pair count) of one validation batch, unreduced,
     and the per-pair (chosen, rejected) rewards of each micro-batch (last stage)."""
     microbatches = device_microbatches(pairs, micro_batch_size, run.pad_id, run.cfg.data)
-    seq_length = microbatches[0]["tokens"].shape[1]
-    fill_reference_logps(run, microbatches, seq_length)
-    sums = policy_pass(run.policy, microbatches, seq_length, run.arch.vocab_size, run.loss_cfg, forward_only=True)
-    rewards = [batch["pair_rewards"] for batch in microbatches if "pair_rewards" in batch]
-    return sums, rewards
+    return _policy_pass(run, microbatches, nullcontext, forward_only=True)

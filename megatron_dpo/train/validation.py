@@ -15,11 +15,11 @@ def _sample_rewards(run, microbatches_rewards: List[torch.Tensor], num_samples: 
     """The first pairs' (chosen, rejected) rewards, moved from the last stage to
     every stage (rank 0 prints them)."""
     rewards = torch.zeros(num_samples, 2, dtype=torch.float64)
-    if run.ctx.is_last_stage and microbatches_rewards:
+    if run.dims.is_last_stage and microbatches_rewards:
         available = torch.cat(microbatches_rewards)[:num_samples].double().cpu()
         rewards[: available.shape[0]] = available
     rewards = rewards.to(get_device())
-    dist.all_reduce(rewards, group=run.ctx.pp_group)
+    dist.all_reduce(rewards, group=run.dims.pp_group)
     return rewards.cpu()
 
 
@@ -38,22 +38,22 @@ def validate(run, split: str, num_samples: int = 0) -> Tuple[Dict[str, float], L
     printable pairs with their rewards (on DP rank 0)."""
     dpo = run.cfg.dpo
     pairs = run.val_data[split].pairs
-    sampler = PairSampler(len(pairs), dpo.val_global_batch_size, run.ctx.dp_rank, run.ctx.dp_size,
+    sampler = PairSampler(len(pairs), dpo.val_global_batch_size, run.dims.dp_rank, run.dims.dp_size,
                           shuffle=False, seed=dpo.seed)
     total_sums, num_tokens, samples = None, 0, []
     for batch_index, indices in enumerate(sampler):
         if dpo.val_batches is not None and batch_index >= dpo.val_batches:
             break
         batch_pairs = [pairs[i] for i in indices]
-        sums, rewards = eval_batch(run, batch_pairs, dpo.val_micro_batch_size)
-        total_sums = sums if total_sums is None else total_sums + sums
+        result = eval_batch(run, batch_pairs, dpo.val_micro_batch_size)
+        total_sums = result.sums if total_sums is None else total_sums + result.sums
         num_tokens += num_real_tokens(batch_pairs)
         if batch_index == 0 and num_samples > 0:
             count = min(num_samples, len(indices))
-            sample_rewards = _sample_rewards(run, rewards, count)
+            sample_rewards = _sample_rewards(run, result.rewards, count)
             samples = [
                 dict(_texts(run.tokenizer, pairs[i]), chosen_reward=float(r[0]), rejected_reward=float(r[1]))
                 for i, r in zip(indices[:count], sample_rewards)
             ]
-    metrics = reduce_metrics(total_sums, num_tokens, run.ctx)
+    metrics = reduce_metrics(total_sums, num_tokens, run.dims)
     return metrics, samples

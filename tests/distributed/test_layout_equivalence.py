@@ -34,8 +34,9 @@ CACHED = "tp1_shared_cached"
 def layouts(tmp_path_factory):
     results = {}
     cache_dir = tmp_path_factory.mktemp("reference_cache")
+    env = {"LAYOUTS_RUN_DIR": str(tmp_path_factory.mktemp("run"))}
     for nproc, specs in LAUNCHES.items():
-        output = torchrun(nproc, SCRIPT, [spec.format(tmp=cache_dir) for spec in specs], timeout=600).stdout
+        output = torchrun(nproc, SCRIPT, [spec.format(tmp=cache_dir) for spec in specs], timeout=600, env=env).stdout
         for line in output.splitlines():
             if line.startswith("LAYOUT "):
                 record = json.loads(line[len("LAYOUT "):])

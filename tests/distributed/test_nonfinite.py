@@ -30,3 +30,20 @@ def test_nonfinite_steps_are_skipped_then_the_run_aborts(tmp_path):
     # No update, no LR schedule step: steps 2 and 3 run at step 1's warmup LR.
     lrs = [r["lr"] for r in records]
     assert lrs[0] == lrs[1] == lrs[2] < lrs[3]
+
+
+def test_nonfinite_steps_are_never_saved_and_the_abort_names_the_last_good_one(tmp_path):
+    """Issue 12: a skipped step is not checkpointed (so retention can never
+    keep only poisoned steps), and the abort says where to resume from."""
+    run_dir = os.path.join(tmp_path, "run")
+    args = ["--config", os.path.join(REPO, "configs", "dpo.yaml"), *TINY_OVERRIDES,
+            f"checkpointing.checkpoint_dir={run_dir}", "dpo.max_num_steps=8", "policy.train_global_batch_size=8",
+            "policy.train_micro_batch_size=2", "dpo.max_consecutive_nonfinite=3", "checkpointing.save_period=1",
+            "checkpointing.keep_top_k=1", "checkpointing.metric_name=train:loss"]
+    result = torchrun(2, SCRIPT, args, check=False)
+    assert result.returncode == 3, result.stderr[-3000:]
+    steps = sorted(int(name[5:]) for name in os.listdir(run_dir) if re.fullmatch(r"step_\d+", name))
+    assert 4 in steps and not set(steps) & {2, 3, 5, 6, 7}, steps
+    last_good = os.path.join(run_dir, "step_4")
+    assert f"The last good checkpoint is step 4 ({last_good})" in result.stderr
+    assert f"checkpointing.resume={last_good}" in result.stderr and "--nproc_per_node=2" in result.stderr

@@ -7,13 +7,13 @@ import os
 import pytest
 
 from megatron_dpo.checkpoint.fingerprint import data_fingerprint
+from megatron_dpo.checkpoint.files import ARCH_FILE, TRAIN_STATE_FILE
 from megatron_dpo.checkpoint.load import check_compatible, find_resume_dir
-from megatron_dpo.checkpoint.save import TRAIN_STATE_FILE, complete_steps, prune_checkpoints, remove_incomplete
+from megatron_dpo.checkpoint.save import complete_steps, prune_checkpoints, remove_incomplete
 from megatron_dpo.config import ConfigError, load_config
 from megatron_dpo.config.load import duration_seconds
 from megatron_dpo.config.schema import CheckpointingConfig
 from megatron_dpo.data import TokenizedPair
-from megatron_dpo.models.source import ARCH_FILE
 
 ARCH = {"num_layers": 4, "hidden_size": 64}
 FINGERPRINTS = {"tokenizer": "t0", "data": "d0"}

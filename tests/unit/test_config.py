@@ -13,10 +13,12 @@ from megatron_dpo.config import (
     PolicyConfig,
     config_to_dict,
     load_config,
-    resolve_layout,
     resolve_val_num_microbatches,
     save_config,
 )
+from megatron_dpo.parallel.dims import ParallelDims
+
+resolve_layout = ParallelDims.resolve
 
 DEMO_CONFIG = str(pathlib.Path(__file__).parents[2] / "configs" / "dpo.yaml")
 
@@ -228,6 +230,10 @@ def test_virtual_pipeline_checks():
         resolve_layout(policy_with(pp=2, vpp=3), 2, 8, 8, 8)
     with pytest.raises(ConfigError, match=r"gives 1 micro-batches .* fewer than"):
         resolve_layout(policy_with(pp=2, vpp=2, global_batch=1), 2, 8, 8, 8)
+    # megatron-core runs interleaved micro-batches in groups of PP: 3 fails at step 1 there.
+    with pytest.raises(ConfigError, match=r"gives 3 micro-batches .* not a multiple of pipeline_model_parallel_size\(2\)"):
+        resolve_layout(policy_with(pp=2, vpp=2, global_batch=3), 2, 8, 8, 8)
+    assert resolve_layout(policy_with(pp=2, vpp=2, global_batch=4), 2, 8, 8, 8).num_microbatches == 4
 
 
 def test_sequence_parallel_needs_tp():

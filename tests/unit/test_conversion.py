@@ -8,13 +8,15 @@ import re
 import pytest
 import torch
 
-from megatron_dpo.checkpoint.hf_export import _check_slots, _plan, _Slot, check_export_dir, read_architecture
+from megatron_dpo.checkpoint.hf_export import (
+    EXPORT_MARKER, _check_slots, _plan, _Slot, check_export_dir, read_architecture,
+)
 from megatron_dpo.config import ConfigError, load_config
 from megatron_dpo.convert_cli import parse_size
 from megatron_dpo.models import presets
 from megatron_dpo.models.architecture import ModelArchitecture
 from megatron_dpo.models.conversion import ConversionError, hf_io, llama, registry
-from megatron_dpo.models.source import check_sequence_length
+from megatron_dpo.models.architecture import check_sequence_length
 from megatron_dpo.models.weights import canonical_names, full_shape
 
 GQA = ModelArchitecture(num_layers=2, hidden_size=8, ffn_hidden_size=6, num_attention_heads=4,
@@ -191,10 +193,12 @@ def test_checkpoint_not_matching_its_architecture_is_refused():
 def test_export_targets_and_sources_are_checked(tmp_path):
     check_export_dir(str(tmp_path / "new"))
     (tmp_path / "earlier").mkdir()
-    (tmp_path / "earlier" / "config.json").write_text("{}")
-    check_export_dir(str(tmp_path / "earlier"))  # an earlier export is replaced
+    (tmp_path / "earlier" / EXPORT_MARKER).write_text("")
+    check_export_dir(str(tmp_path / "earlier"))  # an earlier export of ours is replaced
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ConversionError, match="not empty and holds no config.json"):
+    # A user's directory, even one holding a config.json (issue 12: it used to be deleted), is refused.
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConversionError, match="is not empty and has no .megatron_dpo_export marker"):
         check_export_dir(str(tmp_path))
     with pytest.raises(ConversionError, match="is not a megatron_dpo checkpoint .needs model_arch.json and policy/"):
         read_architecture(str(tmp_path))

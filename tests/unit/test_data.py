@@ -27,7 +27,7 @@ class PieceTokenizer:
     """
 
     vocab = {"</s>": EOS, "q": 10, "a": 11, "b": 12, "c": 13, "bc": 20}
-    bos_token_id, eos_token_id = BOS, EOS
+    bos_token_id, eos_token_id, eos_token = BOS, EOS, "</s>"
 
     def __call__(self, texts, add_special_tokens=True):
         return {"input_ids": [self._encode(t, add_special_tokens) for t in texts]}
@@ -54,12 +54,13 @@ def test_tokenize_marks_completion_with_one_eos():
     assert tok([("qa", "b</s>", "c")]).pairs[0].chosen_ids == [1, 10, 11, 12, 2]
 
 
-def test_tokenize_common_prefix_counts_merged_token_as_completion():
+def test_boundary_is_the_shorter_common_prefix_for_both_sequences():
     # encode("qb") = [BOS, q, b] but encode("qbc") = [BOS, q, bc]: the merged
-    # token carries completion text, so the prompt is the common prefix (2).
+    # token carries completion text, so chosen's common prefix is 2; rejected
+    # "qba" keeps [BOS, q, b] (3). As TRL, both take the shorter: 2, so the
+    # rejected completion scores "b a" + EOS, the same characters after "q".
     pair = tok([("qb", "c", "a")]).pairs[0]
-    assert (pair.chosen_ids, pair.chosen_prompt_len) == ([1, 10, 20, 2], 2)
-    assert (pair.rejected_ids, pair.rejected_prompt_len) == ([1, 10, 12, 11, 2], 3)
+    assert pair == TokenizedPair([1, 10, 20, 2], [1, 10, 12, 11, 2], 2, 2)
 
 
 def test_truncate_cuts_prompt_start_keeping_bos_and_prompt_end():
@@ -73,6 +74,24 @@ def test_truncate_keep_start_cuts_prompt_end():
     # prompt [BOS q b a a a a] (7) loses its last 4 tokens, keeping [BOS q b].
     result = tok([("qbaaaa", "b", "cc")], max_length=6, mode="keep_start")
     assert result.pairs == [TokenizedPair([1, 10, 12, 12, 2], [1, 10, 12, 13, 13, 2], 3, 3)]
+
+
+def test_truncate_sequence_keep_start_cuts_each_end_and_drops_pairs_the_prompt_fills():
+    # "qa"+"b" = [BOS q a b EOS], "qa"+"cc" = [BOS q a c c EOS], prompt 3: both
+    # keep their first 4 tokens. "qaaa": its prompt [BOS q a a a] alone fills
+    # max_length=4, so TRL drops the pair.
+    result = tok([("qa", "b", "cc"), ("qaaa", "b", "c")], max_length=4, policy="truncate_sequence",
+                 mode="keep_start")
+    assert result.pairs == [TokenizedPair([1, 10, 11, 12], [1, 10, 11, 13], 3, 3)]
+    assert (result.num_dropped, result.num_truncated) == (1, 1)
+
+
+def test_truncate_sequence_keep_end_cuts_each_start_on_its_own():
+    # Chosen (5 tokens) loses BOS, rejected (6) loses BOS and q: prompts 2 and 1.
+    result = tok([("qa", "b", "cc"), ("q", "b", "c")], max_length=4, policy="truncate_sequence", mode="keep_end")
+    assert result.pairs == [TokenizedPair([10, 11, 12, 2], [11, 13, 13, 2], 2, 1),
+                            TokenizedPair([1, 10, 12, 2], [1, 10, 13, 2], 2, 2)]
+    assert (result.num_dropped, result.num_truncated) == (0, 1)
 
 
 def test_truncate_cuts_completion_end_when_prompt_is_gone():

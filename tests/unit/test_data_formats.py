@@ -63,6 +63,28 @@ def test_load_pairs_errors_name_file_line_and_key(tmp_path, line, message):
         load_pairs(path, DataConfig())
 
 
+def test_an_empty_prompt_is_accepted_for_prompt_free_data(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path, [dict(GOOD, prompt="")])
+    assert load_pairs(path, DataConfig()) == [PreferencePair("", "yes", "no")]
+    (pair,) = build_dataset(path, DataConfig(), tiny_tokenizer, max_length=64).pairs
+    assert pair.chosen_prompt_len == pair.rejected_prompt_len == 1  # BOS: the first completion token is scored
+    assert tiny_tokenizer.decode(pair.chosen_ids[1:]) == "yes</s>"
+
+
+def test_non_utf8_bytes_name_file_line_and_byte_offset(tmp_path):
+    good = (json.dumps(GOOD) + "\n").encode()
+    bad = b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'
+    (tmp_path / "latin1.jsonl").write_bytes(good + bad)
+    offset = len(good) + bad.index(b"\xe9")
+    with pytest.raises(DataError, match=rf"latin1\.jsonl:2: not UTF-8 text: byte b'\\xe9' at byte offset {offset} "
+                                        r"of the file \(column 16 of the line\); save the file as UTF-8"):
+        load_pairs(str(tmp_path / "latin1.jsonl"), DataConfig())
+    (tmp_path / "latin1.json").write_bytes(b"[\n" + good[:-1] + b",\n" + bad + b"]\n")
+    offset = 2 + len(good) + 1 + bad.index(b"\xe9")
+    with pytest.raises(DataError, match=rf"latin1\.json:3: not UTF-8 text: byte b'\\xe9' at byte offset {offset} "):
+        load_pairs(str(tmp_path / "latin1.json"), DataConfig())
+
+
 def test_rewards_are_read_and_needed_on_every_record(tmp_path):
     rewarded = dict(GOOD, chosen_reward=2, rejected_reward=-1.5)
     assert load_pairs(write_jsonl(tmp_path, [rewarded]), DataConfig()) == [
@@ -159,10 +181,15 @@ def test_source_errors_name_row_or_line(tmp_path):
 # ---------------------------------------------------------------- chat rendering
 def test_chat_pairs_render_with_the_template_and_tokenize(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path, [{"prompt": USER, "chosen": "yes", "rejected": answer("no")}])
-    (pair,) = render_chat(load_pairs(path, DataConfig()), tiny_tokenizer)
-    assert (pair.prompt, pair.chosen, pair.rejected) == ("<|user|>\nhi\n<|assistant|>\n", "yes\n", "no\n")
+    (pair,) = load_pairs(path, DataConfig())
+    prompt = "<|user|>\nhi\n<|assistant|>\n"
+    assert render_chat(pair, tiny_tokenizer) == (prompt, prompt + "yes\n", prompt + "no\n")
     (tokens,) = build_dataset(path, DataConfig(), tiny_tokenizer, max_length=64).pairs
-    assert tiny_tokenizer.decode(tokens.chosen_ids[tokens.chosen_prompt_len:]) == "yes\n</s>"
+    # As TRL tokenizes chat (apply_chat_template): no BOS added, no EOS
+    # appended; the template's "\n" ends the turn.
+    assert tiny_tokenizer.decode(tokens.chosen_ids[:tokens.chosen_prompt_len]) == prompt
+    assert tiny_tokenizer.decode(tokens.chosen_ids[tokens.chosen_prompt_len:]) == "yes\n"
+    assert tokens.rejected_prompt_len == tokens.chosen_prompt_len
 
 
 def test_chat_template_override_and_its_errors(tmp_path, tiny_tokenizer):
@@ -171,17 +198,17 @@ def test_chat_template_override_and_its_errors(tmp_path, tiny_tokenizer):
     tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))
     pairs = load_pairs(write_jsonl(tmp_path, [{"prompt": USER, "chosen": "yes", "rejected": "no"}]), DataConfig())
     tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
-    assert render_chat(pairs, tokenizer)[0].chosen == "[assistant] yes "
+    assert render_chat(pairs[0], tokenizer)[1] == "[user] hi [assistant] yes "
     tokenizer.chat_template = None
     with pytest.raises(DataError, match=r"pairs\.jsonl:1: a chat-form record .* no chat template; "
                                         r"set policy\.tokenizer\.chat_template"):
-        render_chat(pairs, tokenizer)
+        render_chat(pairs[0], tokenizer)
     tokenizer.chat_template = "{{ messages | length }}"
     with pytest.raises(DataError, match=r"pairs\.jsonl:1: the chat template does not render the prompt"):
-        render_chat(pairs, tokenizer)
+        render_chat(pairs[0], tokenizer)
     tokenizer.chat_template = "{{ raise_exception('no assistant role') }}"
     with pytest.raises(DataError, match=r"pairs\.jsonl:1: the chat template fails on this record"):
-        render_chat(pairs, tokenizer)
+        render_chat(pairs[0], tokenizer)
 
 
 def test_template_bos_text_is_not_doubled(tmp_path, tiny_tokenizer):
@@ -190,5 +217,5 @@ def test_template_bos_text_is_not_doubled(tmp_path, tiny_tokenizer):
     tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))
     tokenizer.chat_template = "{{ bos_token }}" + tiny_tokenizer.chat_template
     path = write_jsonl(tmp_path, [{"prompt": USER, "chosen": "yes", "rejected": "no"}])
-    (pair,) = render_chat(load_pairs(path, DataConfig()), tokenizer)
-    assert pair.prompt == "<|user|>\nhi\n<|assistant|>\n"
+    (pair,) = build_dataset(path, DataConfig(), tokenizer, max_length=64).pairs
+    assert pair.chosen_ids[:2] == [tokenizer.bos_token_id, tokenizer("<|", add_special_tokens=False)["input_ids"][0]]

@@ -107,6 +107,28 @@ def test_partial_last_line_of_a_killed_run_is_dropped_before_appending(tmp_path)
     assert [r["loss"] for r in records] == [0.7, 0.6]
 
 
+def test_corrupt_lines_anywhere_are_skipped_with_a_warning_and_never_block_a_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "split": "train", "loss": 0.7}\n'
+                     b'{"step": 2, "split": "tr\x00\x00\x00\n'  # zeroed block (crash on some file systems)
+                     b'\xff\xfe not utf-8\n'
+                     b'[1, 2]\n'
+                     b'{"step": 3, "split": "train", "loss": 0.5}\n'
+                     b'{"step": 4, "split": "train", "loss": 0.4}\n'
+                     b'{"step": 5, "split": "tr')
+    with pytest.warns(UserWarning) as caught:
+        logger = MetricsLogger(str(tmp_path), LoggerConfig(tensorboard_enabled=False), enabled=True, resume_step=3)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 4
+    assert messages[0].startswith(f"{path}:2: skipping corrupt line (not a JSON line")
+    assert messages[1].startswith(f"{path}:3: skipping corrupt line (not UTF-8 at byte 0)")
+    assert messages[2].startswith(f"{path}:4: skipping corrupt line (expected an object with an integer 'step'")
+    assert messages[3].startswith(f"{path}:7: skipping truncated last line")
+    logger.log(4, "train", {"loss": 0.3})
+    logger.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(str(path))] == [(1, 0.7), (3, 0.5), (4, 0.3)]
+
+
 def test_non_finite_values_are_written_as_null_and_bad_values_rejected(tmp_path):
     logger = MetricsLogger(str(tmp_path), LoggerConfig(tensorboard_enabled=False), enabled=True)
     logger.log(1, "train", {"loss": math.nan, "grad_norm": math.inf})

@@ -19,8 +19,17 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from megatron_dpo.config.schema import CHOICES, LossConfig
-from megatron_dpo.loss.registry import PREFERENCE_LOSSES, get_preference_loss
+from megatron_dpo.config import CHOICES, ConfigError, load_config
+from megatron_dpo.config.schema import LossConfig
+from megatron_dpo.loss import pair_terms, preference_terms
+from megatron_dpo.loss.registry import (
+    NEEDS_GT_REWARDS,
+    PREFERENCE_LOSSES,
+    GroundTruth,
+    check_loss_config,
+    get_preference_loss,
+    preference_loss,
+)
 
 LN2 = math.log(2)
 
@@ -31,9 +40,16 @@ def _pair():
             torch.tensor([-2.0]), torch.tensor([-2.0]))
 
 
-def _loss(name, gt=(None, None), **cfg_fields):
+def _terms(cfg, policy_chosen_B, policy_rejected_B, reference_chosen_B, reference_rejected_B,
+           gt=None):
+    """Loss and rewards of cfg.preference_loss from the four per-sequence log-probs."""
+    return preference_terms(policy_chosen_B - reference_chosen_B,
+                            policy_rejected_B - reference_rejected_B, cfg, gt)
+
+
+def _loss(name, gt=None, **cfg_fields):
     cfg = LossConfig(reference_policy_kl_penalty=0.1, preference_loss=name, **cfg_fields)
-    return get_preference_loss(name)(*_pair(), cfg, *gt)
+    return _terms(cfg, *_pair(), gt)
 
 
 # name, LossConfig fields, expected loss (arithmetic in the comment).
@@ -96,7 +112,7 @@ RPO_WORKED_EXAMPLES = [
 
 @pytest.mark.parametrize("name, expected", RPO_WORKED_EXAMPLES)
 def test_reward_aware_worked_example(name, expected):
-    out = _loss(name, gt=(torch.tensor([1.0]), torch.tensor([0.5])), gt_reward_scale=2.0)
+    out = _loss(name, gt=GroundTruth(torch.tensor([1.0]), torch.tensor([0.5])), gt_reward_scale=2.0)
     assert_close(out.losses_B, torch.tensor([expected]), atol=2e-6, rtol=0)
     assert_close(out.chosen_rewards_B, torch.tensor([0.1]))
 
@@ -131,7 +147,7 @@ def test_loss_at_reference(name):
     logps_B = torch.tensor([-5.0, -12.5, -0.25])
     gt_B = torch.tensor([0.3, -1.0, 2.0])
     cfg = LossConfig(reference_policy_kl_penalty=0.1, preference_loss=name)
-    out = get_preference_loss(name)(logps_B, logps_B - 1, logps_B, logps_B - 1, cfg, gt_B, gt_B)
+    out = _terms(cfg, logps_B, logps_B - 1, logps_B, logps_B - 1, GroundTruth(gt_B, gt_B))
     assert_close(out.losses_B, torch.full((3,), AT_REFERENCE[name]))
     assert_close(out.chosen_rewards_B, torch.zeros(3))
     assert_close(out.rejected_rewards_B, torch.zeros(3))
@@ -149,8 +165,8 @@ RPO_AT_REFERENCE_WITH_GAP = {
 def test_reward_aware_at_reference_with_gt_gap(name):
     logps_B = torch.tensor([-4.0])
     cfg = LossConfig(reference_policy_kl_penalty=0.1, preference_loss=name)
-    out = get_preference_loss(name)(
-        logps_B, logps_B, logps_B, logps_B, cfg, torch.tensor([1.5]), torch.tensor([0.5]))
+    out = _terms(cfg, logps_B, logps_B, logps_B, logps_B,
+                 GroundTruth(torch.tensor([1.5]), torch.tensor([0.5])))
     assert_close(out.losses_B, torch.tensor([RPO_AT_REFERENCE_WITH_GAP[name]]),
                  atol=2e-6, rtol=0)
 
@@ -160,7 +176,7 @@ def test_label_smoothing_keeps_ln2_at_reference(eps):
     """-(1 - eps) log 1/2 - eps log 1/2 = ln 2 for any eps."""
     logps_B = torch.tensor([-3.0])
     cfg = LossConfig(reference_policy_kl_penalty=0.1, label_smoothing=eps)
-    out = get_preference_loss("dpo")(logps_B, logps_B, logps_B, logps_B, cfg)
+    out = _terms(cfg, logps_B, logps_B, logps_B, logps_B)
     assert_close(out.losses_B, torch.tensor([LN2]))
 
 
@@ -171,9 +187,11 @@ def test_label_smoothing_adds_eps_times_margin():
         assert_close(smoothed, _loss("dpo").losses_B + eps * 0.2)
 
 
-def test_robust_rejects_label_smoothing_of_one_half():
-    with pytest.raises(ValueError, match=r"loss_fn\.label_smoothing=0\.5.*\[0, 0\.5\)"):
-        _loss("robust", label_smoothing=0.5)
+def test_robust_rejects_label_smoothing_of_one_half_at_startup():
+    cfg = LossConfig(reference_policy_kl_penalty=0.1, preference_loss="robust", label_smoothing=0.5)
+    with pytest.raises(ConfigError, match=r"loss_fn\.label_smoothing=0\.5.*\[0, 0\.5\)"):
+        check_loss_config(cfg)
+    check_loss_config(LossConfig(preference_loss="robust", label_smoothing=0.49))
 
 
 def test_dpo_gradient_raises_chosen_and_lowers_rejected():
@@ -181,8 +199,7 @@ def test_dpo_gradient_raises_chosen_and_lowers_rejected():
     policy_chosen_B = torch.tensor([-1.0], requires_grad=True)
     policy_rejected_B = torch.tensor([-3.0], requires_grad=True)
     cfg = LossConfig(reference_policy_kl_penalty=0.1)
-    out = get_preference_loss("dpo")(
-        policy_chosen_B, policy_rejected_B, torch.tensor([-2.0]), torch.tensor([-2.0]), cfg)
+    out = _terms(cfg, policy_chosen_B, policy_rejected_B, torch.tensor([-2.0]), torch.tensor([-2.0]))
     out.losses_B.sum().backward()
     # -0.1 * sigma(-0.2) = -0.1 * 0.450166
     assert_close(policy_chosen_B.grad, torch.tensor([-0.0450166]))
@@ -192,10 +209,9 @@ def test_dpo_gradient_raises_chosen_and_lowers_rejected():
 
 def test_discopop_is_finite_for_a_very_negative_margin():
     """Naively exp(-x) * sigma(x / tau) is inf * 0 = nan at x = -100."""
-    cfg = LossConfig(reference_policy_kl_penalty=1.0)
+    cfg = LossConfig(reference_policy_kl_penalty=1.0, preference_loss="discopop")
     logps_B = torch.tensor([-100.0], requires_grad=True)
-    out = get_preference_loss("discopop")(
-        logps_B, torch.zeros(1), torch.zeros(1), torch.zeros(1), cfg)
+    out = _terms(cfg, logps_B, torch.zeros(1), torch.zeros(1), torch.zeros(1))
     out.losses_B.sum().backward()
     assert_close(out.losses_B, torch.tensor([100.0]))  # -log sigma(-100), m ~ 0
     assert torch.isfinite(logps_B.grad).all()
@@ -209,14 +225,57 @@ def test_reward_aware_loss_without_gt_rewards_names_the_data_fields(name):
 
 
 def test_unknown_loss_name_lists_valid_names():
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ConfigError) as info:
         get_preference_loss("dpoo")
     message = str(info.value)
-    assert "loss_fn.preference_loss='dpoo'" in message
+    assert "Invalid value for 'loss_fn.preference_loss': 'dpoo'." in message
     assert "Did you mean 'dpo'?" in message
     for name in PREFERENCE_LOSSES:
         assert name in message
 
 
-def test_config_choices_match_the_registry():
-    assert tuple(CHOICES["loss_fn.preference_loss"]) == tuple(PREFERENCE_LOSSES)
+def test_config_validation_accepts_exactly_the_registered_names():
+    """The config layer holds no list of its own: load_config passes any name
+    and check_loss_config accepts the registry's names, and only those."""
+    assert "loss_fn.preference_loss" not in CHOICES
+    for name in PREFERENCE_LOSSES:
+        check_loss_config(load_config(None, [f"loss_fn.preference_loss={name}"]).loss_fn)
+    loss_cfg = load_config(None, ["loss_fn.preference_loss=dpoo"]).loss_fn
+    with pytest.raises(ConfigError, match=r"'loss_fn\.preference_loss': 'dpoo'\. Did you mean 'dpo'\?"):
+        check_loss_config(loss_cfg)
+
+
+@pytest.fixture
+def margin_squared():
+    """A loss defined here, registered by its decorator alone; unregistered after."""
+    @preference_loss("test_margin_squared", length_normalised=True)
+    def margin_squared_loss(a_B, b_B, cfg, gt=None):
+        """loss = h^2"""
+        return (a_B - b_B) ** 2
+
+    yield "test_margin_squared"
+    del PREFERENCE_LOSSES["test_margin_squared"]
+
+
+def test_a_decorated_loss_is_available_by_name(margin_squared):
+    """Length-normalised, two pairs (rows c0, r0, c1, r1): per-token policy
+    [-2, -3, -1, -1] vs reference [-3, -2, -1, -1] -> h = 1 - (-1) = 2 and 0;
+    loss 4 and 0, rewards 0.1 * 1, 0.1 * -1 and 0."""
+    cfg = LossConfig(reference_policy_kl_penalty=0.1, preference_loss=margin_squared)
+    check_loss_config(cfg)
+    terms = pair_terms(torch.tensor([-4.0, -9.0, -5.0, -7.0]), torch.tensor([-6.0, -6.0, -5.0, -7.0]),
+                       torch.tensor([2, 3, 5, 7]), cfg)
+    assert_close(terms.preference_loss, torch.tensor([4.0, 0.0]))
+    assert_close(terms.chosen_reward, torch.tensor([0.1, 0.0]))
+    assert_close(terms.rejected_reward, torch.tensor([-0.1, 0.0]))
+
+
+def test_a_name_cannot_be_registered_twice():
+    with pytest.raises(ValueError, match="'dpo' is registered twice"):
+        preference_loss("dpo")(lambda a_B, b_B, cfg, gt=None: a_B)
+    assert PREFERENCE_LOSSES["dpo"].fn.__name__ == "dpo"
+
+
+def test_needs_gt_rewards_follows_the_registrations():
+    assert set(NEEDS_GT_REWARDS) == {"rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl"}
+    assert "dpo" not in NEEDS_GT_REWARDS

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_dpo.data import TokenizedPair, make_microbatches
-from megatron_dpo.data.packing import collate_packed
+from megatron_dpo.data.packing import collate_packed, shared_prefix_len
 from megatron_dpo.parallel.logprobs import packed_sequence_logprobs, sequence_logprobs
 
 PAD = 0
@@ -40,6 +40,18 @@ def test_prefix_sharing_computes_the_prompt_once_and_branches_continue_from_it()
     assert batch["cu_seqlens"].tolist() == [0, 9]
 
 
+def test_prefix_sharing_shares_only_tokens_both_sequences_hold():
+    # truncate_sequence / keep_end cut chosen by 1 and rejected by 2 tokens from
+    # the start (prompt [1, 10, 11]): the sequences start differently, nothing is shared.
+    pair = TokenizedPair([10, 11, 12, 2], [11, 13, 13, 2], 2, 1)
+    assert shared_prefix_len(pair) == 0
+    batch = collate_packed([pair], PAD, seq_length=8, prefix_sharing=True)
+    assert batch["tokens"].tolist() == [[10, 11, 12, 2, 11, 13, 13, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]]
+    assert batch["loss_mask"].tolist() == [[0, 1, 1, 0, 1, 1, 1, 0]]
+    assert shared_prefix_len(TokenizedPair([1, 10, 11, 12, 2], [1, 10, 11, 13, 2], 3, 3)) == 2
+
+
 def random_pairs(num_pairs: int, seed: int):
     rng = random.Random(seed)
     pairs = []
@@ -47,8 +59,12 @@ def random_pairs(num_pairs: int, seed: int):
         prompt = [rng.randrange(3, 50) for _ in range(rng.randrange(0, 6))]
         chosen = prompt + [rng.randrange(3, 50) for _ in range(rng.randrange(1, 6))] + [2]
         rejected = prompt + [rng.randrange(3, 50) for _ in range(rng.randrange(1, 6))] + [2]
-        # A token merged across the prompt boundary: one sequence's prompt part is shorter.
-        pairs.append(TokenizedPair(chosen, rejected, len(prompt), max(len(prompt) - rng.randrange(2), 0)))
+        # A token merged across the prompt boundary: the prompt of both ends a token early.
+        prompt_len = max(len(prompt) - rng.randrange(2), 0)
+        cuts = [rng.randrange(min(3, len(ids) - 1)) if rng.random() < 0.3 else 0 for ids in (chosen, rejected)]
+        # truncate_sequence / keep_end cuts each sequence's start on its own: prompts of different lengths.
+        pairs.append(TokenizedPair(chosen[cuts[0]:], rejected[cuts[1]:],
+                                   max(prompt_len - cuts[0], 0), max(prompt_len - cuts[1], 0)))
     return pairs
 
 

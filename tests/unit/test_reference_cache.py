@@ -5,22 +5,25 @@ import os
 
 import torch
 
-from megatron_dpo.data import TokenizedPair
+from megatron_dpo.checkpoint.source import ModelSource
+from megatron_dpo.data import TokenizedPair, TokenizeResult
 from megatron_dpo.models.presets import preset_architecture
-from megatron_dpo.models.source import ModelSource
 from megatron_dpo.train.reference_cache import (
     LOGPS_FILE, MANIFEST_FILE, cache_identity, load_cache, model_identity, save_cache,
 )
 
-PAIRS = [TokenizedPair([1, 5, 2], [1, 6, 2], 2, 2), TokenizedPair([1, 7, 7, 2], [1, 8, 2], 2, 2)]
+PAIRS = TokenizeResult([TokenizedPair([1, 5, 2], [1, 6, 2], 2, 2), TokenizedPair([1, 7, 7, 2], [1, 8, 2], 2, 2)],
+                       num_dropped=0, num_truncated=0)
 PRESET = ModelSource("preset", "tiny-llama", preset_architecture("tiny-llama", 768), "unused")
 
 
 def test_key_follows_tokens_weights_and_precision():
     model = model_identity(PRESET, seed=1)
     key, _ = cache_identity(PAIRS, model, "float32")
-    assert key == cache_identity([TokenizedPair([1, 5, 2], [1, 6, 2], 2, 2), PAIRS[1]], model, "float32")[0]
-    other_tokens = [TokenizedPair([1, 5, 2], [1, 6, 2], 1, 2), PAIRS[1]]  # a different prompt boundary
+    same = TokenizeResult([TokenizedPair([1, 5, 2], [1, 6, 2], 2, 2), PAIRS.pairs[1]], 0, 0)
+    assert key == cache_identity(same, model, "float32")[0]
+    # A different prompt boundary.
+    other_tokens = TokenizeResult([TokenizedPair([1, 5, 2], [1, 6, 2], 1, 2), PAIRS.pairs[1]], 0, 0)
     assert len({key, cache_identity(other_tokens, model, "float32")[0],
                 cache_identity(PAIRS, model_identity(PRESET, seed=2), "float32")[0],
                 cache_identity(PAIRS, model, "bfloat16")[0]}) == 4

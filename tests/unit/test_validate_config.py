@@ -8,10 +8,10 @@ import pytest
 
 from megatron_dpo.cli import main
 from megatron_dpo.config import load_config
-from megatron_dpo.config.validate import resolve_layout
 from megatron_dpo.models.conversion import registry
 from megatron_dpo.models.known import HF_CONFIGS
 from megatron_dpo.models.memory import estimate_memory, stage_parameters
+from megatron_dpo.parallel.dims import ParallelDims
 from tests.conftest import REPO
 
 CONFIGS = os.path.join(REPO, "configs")
@@ -94,7 +94,7 @@ def test_distributed_optimizer_shards_adam_state_over_dp():
 
     def optimizer_bytes(distributed: bool) -> float:
         cfg = load_config(path, [f"policy.megatron_cfg.optimizer.use_distributed_optimizer={distributed}"])
-        layout = resolve_layout(cfg.policy, 32, arch.num_layers, arch.num_attention_heads, arch.num_query_groups)
+        layout = ParallelDims.resolve(cfg.policy, 32, arch.num_layers, arch.num_attention_heads, arch.num_query_groups)
         (size,) = [size for what, size in estimate_memory(arch, cfg, layout).rows if what.startswith("optimizer")]
         return size
 

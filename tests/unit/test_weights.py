@@ -5,15 +5,14 @@ import torch
 
 from megatron_dpo.models.architecture import ModelArchitecture
 from megatron_dpo.models.weights import canonical_name, random_full_tensor, tp_shard
-from megatron_dpo.parallel.init import ParallelContext
+from megatron_dpo.parallel.dims import ParallelDims
 
 ARCH = ModelArchitecture(num_layers=2, hidden_size=8, ffn_hidden_size=6, num_attention_heads=4,
                          num_query_groups=2, vocab_size=11)
 
 
-def context(tp_rank: int, tp_size: int = 2) -> ParallelContext:
-    return ParallelContext(rank=tp_rank, world_size=tp_size, tp_size=tp_size, tp_rank=tp_rank, pp_size=1,
-                           pp_rank=0, dp_size=1, dp_rank=0, vpp_size=None, dp_group=None, tp_group=None, pp_group=None)
+def context(tp_rank: int, tp_size: int = 2) -> ParallelDims:
+    return ParallelDims.of_sizes(tp_size, tp_size=tp_size).with_ranks(rank=tp_rank, tp_rank=tp_rank)
 
 
 def tp_param(shape, partition_dim: int) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 A directory holds ``config.json`` and either one ``model.safetensors`` or
 shards listed in ``model.safetensors.index.json`` (``weight_map``: tensor name
--> file). Tensors are read one at a time, so memory stays at one tensor.
+-> file). Tensors are read one at a time, so memory stays at one tensor; each
+file is opened once per ``HFCheckpoint``, however many tensors are read from it.
 """
 
 import glob
@@ -41,61 +42,130 @@ def read_config(path: str) -> dict:
     return _read_json(config_path)
 
 
-def _key_to_file(path: str) -> Dict[str, str]:
-    index_path = os.path.join(path, INDEX_FILE)
-    if os.path.isfile(index_path):
-        weight_map = _read_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ConversionError(f"{index_path} has no 'weight_map' (tensor name -> file); re-download it.")
-        files = {os.path.join(path, name) for name in weight_map.values()}
-        missing = [name for name in files if not os.path.isfile(name)]
-        if missing:
-            raise ConversionError(f"{index_path} lists missing files: {_listing(missing)}. Re-download the checkpoint.")
-        return {key: os.path.join(path, name) for key, name in weight_map.items()}
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        hint = " It holds PyTorch .bin weights: re-save it with save_pretrained(safe_serialization=True)." if glob.glob(
-            os.path.join(path, "*.bin")) else ""
-        raise ConversionError(f"No *.safetensors files in HF checkpoint directory '{path}'.{hint}")
-    return {key: file for file in files for key in _file_keys(file)}
+# safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors, format spec).
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
-def _file_keys(file: str) -> List[str]:
-    from safetensors import SafetensorError, safe_open
+class SafetensorsFile:
+    """One open ``.safetensors`` file, read tensor by tensor with ``readinto``.
 
-    try:
-        with safe_open(file, framework="pt") as handle:
-            return list(handle.keys())
-    except (OSError, SafetensorError) as error:
-        raise ConversionError(f"Cannot read {file} ({error}): the file is corrupt or truncated; re-download it.") from error
+    The format: an 8-byte little-endian header size, a JSON header
+    (``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``, offsets
+    relative to the end of the header), then the raw bytes. Reading with
+    plain file reads instead of safetensors' memory map keeps the process's
+    memory at one tensor however many are read through one open file.
+    """
+
+    def __init__(self, file: str):
+        self.file = file
+        try:
+            self._handle = open(file, "rb")
+            size = os.fstat(self._handle.fileno()).st_size
+            header_size = int.from_bytes(self._handle.read(8), "little")
+            if not 0 < header_size <= size - 8:
+                raise ValueError(f"header size {header_size} does not fit the file's {size} bytes")
+            header = json.loads(self._handle.read(header_size))
+        except (OSError, ValueError, UnicodeDecodeError) as error:
+            raise ConversionError(f"Cannot read {file} ({error}): the file is corrupt or truncated; "
+                                  "re-download it.") from error
+        header.pop("__metadata__", None)
+        self._data_start = 8 + header_size
+        self.entries = header
+        for key, entry in header.items():
+            begin, end = entry["data_offsets"]
+            if entry["dtype"] not in _DTYPES or self._data_start + end > size or begin > end:
+                raise ConversionError(f"Cannot read tensor '{key}' from {file} (dtype {entry['dtype']}, bytes "
+                                      f"{begin}..{end} of {size - self._data_start}): the file is corrupt or "
+                                      "truncated; re-download it.")
+
+    def keys(self) -> List[str]:
+        return list(self.entries)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _DTYPES[self.entries[key]["dtype"]]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        entry = self.entries[key]
+        begin, end = entry["data_offsets"]
+        data = bytearray(end - begin)
+        self._handle.seek(self._data_start + begin)
+        if self._handle.readinto(data) != len(data):
+            raise ConversionError(f"Cannot read tensor '{key}' from {self.file}: the file is truncated; "
+                                  "re-download it.")
+        if not data:
+            return torch.empty(entry["shape"], dtype=self.dtype(key))
+        return torch.frombuffer(data, dtype=self.dtype(key)).reshape(entry["shape"])
+
+    def close(self) -> None:
+        self._handle.close()
 
 
 class HFCheckpoint:
-    """Tensors of an HF checkpoint directory, read lazily by name."""
+    """Tensors of an HF checkpoint directory, read lazily by name. A context
+    manager: each file is opened once, on first use, and closed with it."""
 
     def __init__(self, path: str):
         self.path = path
-        self.key_to_file = _key_to_file(path)
+        self._files: Dict[str, SafetensorsFile] = {}
+        try:
+            self.key_to_file = self._key_to_file()
+        except ConversionError:
+            self.close()
+            raise
+
+    def __enter__(self) -> "HFCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+
+    def _file(self, file: str) -> SafetensorsFile:
+        if file not in self._files:
+            self._files[file] = SafetensorsFile(file)
+        return self._files[file]
+
+    def _key_to_file(self) -> Dict[str, str]:
+        path = self.path
+        index_path = os.path.join(path, INDEX_FILE)
+        if os.path.isfile(index_path):
+            weight_map = _read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index_path} has no 'weight_map' (tensor name -> file); re-download it.")
+            files = {os.path.join(path, name) for name in weight_map.values()}
+            missing = [name for name in files if not os.path.isfile(name)]
+            if missing:
+                raise ConversionError(
+                    f"{index_path} lists missing files: {_listing(missing)}. Re-download the checkpoint.")
+            return {key: os.path.join(path, name) for key, name in weight_map.items()}
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            hint = " It holds PyTorch .bin weights: re-save it with save_pretrained(safe_serialization=True)." if glob.glob(
+                os.path.join(path, "*.bin")) else ""
+            raise ConversionError(f"No *.safetensors files in HF checkpoint directory '{path}'.{hint}")
+        return {key: file for file in files for key in self._file(file).keys()}
 
     def tensor(self, key: str) -> torch.Tensor:
-        from safetensors import SafetensorError, safe_open
-
         if key not in self.key_to_file:
             raise ConversionError(f"HF checkpoint '{self.path}' has no tensor '{key}'.")
-        file = self.key_to_file[key]
-        try:
-            with safe_open(file, framework="pt") as handle:
-                return handle.get_tensor(key)
-        except (OSError, SafetensorError) as error:
-            raise ConversionError(f"Cannot read tensor '{key}' from {file} ({error}): re-download the file.") from error
+        handle = self._file(self.key_to_file[key])
+        if key not in handle.entries:
+            raise ConversionError(f"{INDEX_FILE} of '{self.path}' maps '{key}' to {handle.file}, which does not "
+                                  "hold it. Re-download the checkpoint.")
+        return handle.tensor(key)
 
     def dtype(self) -> torch.dtype:
-        """The stored dtype, from one row of the first tensor."""
-        from safetensors import safe_open
-
+        """The stored dtype of the first tensor."""
         key = next(iter(self.key_to_file))
-        with safe_open(self.key_to_file[key], framework="pt") as handle:
-            return handle.get_slice(key)[:1].dtype
+        return self._file(self.key_to_file[key]).dtype(key)
 
     def check_keys(self, expected: List[str], tie_word_embeddings: bool) -> None:
         """The file's tensors must be exactly those the config describes."""

@@ -1,7 +1,8 @@
 """Mistral: Llama's tensors plus sliding-window attention in the config.
 
 megatron_dpo builds full causal attention; it equals Mistral's sliding window
-for sequences no longer than ``sliding_window``, and ``models.source`` refuses
+for sequences no longer than ``sliding_window``, and
+``models.architecture.check_sequence_length`` refuses
 ``policy.max_total_sequence_length`` above it.
 """
 

@@ -4,8 +4,8 @@
 
 For each model, its converted megatron_dpo checkpoint under every layout
 (TP1, TP2, PP2, TP2xPP2, PP2xVPP2; data parallelism fills the other ranks) and
-the HF directory itself under TP2xPP2 are built through models.source + build
-+ load_weights and run forward-only through megatron-core's schedule.
+the HF directory itself under TP2xPP2 are built through checkpoint.source + build
++ load_source_weights and run forward-only through megatron-core's schedule.
 The last stage's vocab-parallel logits, gathered over TP for this comparison
 only and cut to the real vocabulary, are compared with transformers' fp32
 logits. Rank 0 writes {NAME: {"<source> tp<T>pp<P>vpp<V>": max abs error}}.
@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from megatron_dpo.config.schema import PolicyConfig
 from megatron_dpo.models.build import build_model
-from megatron_dpo.models.source import load_weights, resolve_source
+from megatron_dpo.checkpoint.source import load_source_weights, resolve_source
+from megatron_dpo.parallel.dims import ParallelDims
 from megatron_dpo.parallel.init import init_distributed, init_parallel, shutdown
 
 LAYOUTS = [(1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2)]
@@ -56,7 +57,7 @@ def megatron_logits(chunks, tokens_BS: torch.Tensor):
 def max_error(path: str, expected_BSV: torch.Tensor, tokens_BS: torch.Tensor, ctx) -> float:
     source = resolve_source(PolicyConfig(model_name=path, max_total_sequence_length=SEQ_LENGTH))
     chunks = build_model(source.arch, ctx, "float32", trainable=False)
-    load_weights(chunks, source, ctx, seed=0)
+    load_source_weights(chunks, source, ctx, seed=0)
     error = torch.tensor(-1.0, dtype=torch.float64)  # -1: this rank compared nothing
     if ctx.is_last_stage:
         for index, local_1SV in enumerate(megatron_logits(chunks, tokens_BS)):
@@ -80,7 +81,7 @@ def main() -> None:
     init_distributed()
     results = {name: {} for name, _ in specs}
     for tp, pp, vpp in LAYOUTS:
-        ctx = init_parallel(tp, pp, vpp, seed=0)
+        ctx = init_parallel(ParallelDims.of_sizes(dist.get_world_size(), tp, pp, vpp), seed=0)
         for name, dirs in specs:
             hf_dir, megatron_dir = dirs.split(",")
             for source_name, path in (("megatron", megatron_dir), ("hf", hf_dir)):

@@ -13,7 +13,7 @@ import sys
 from megatron_dpo.config import load_config
 from megatron_dpo.data import PairSampler
 from megatron_dpo.parallel.init import shutdown
-from megatron_dpo.parallel.schedule import reference_pass
+from megatron_dpo.train.schedule import reference_pass
 from megatron_dpo.train.setup import setup_run
 from megatron_dpo.train.step import device_microbatches, train_step
 
@@ -22,6 +22,8 @@ BASE = [
     "policy.model_name=tiny-llama", "policy.precision=float32", "policy.max_total_sequence_length=64",
     "policy.train_global_batch_size=16", "policy.train_micro_batch_size=4", "data.val_data_path=null",
     "dpo.max_num_steps=2", "checkpointing.enabled=false",
+    # The run dir (tokenized data cache, lock) of every layout: the test's temporary directory.
+    f"checkpointing.checkpoint_dir={os.environ.get('LAYOUTS_RUN_DIR', 'results/layouts')}",
 ]
 KEYS = {
     "tp": "policy.megatron_cfg.tensor_model_parallel_size",
@@ -40,10 +42,10 @@ def sequence_logps(run, pairs):
     """Per-sequence log-probs of the policy on these pairs, [c0, r0, c1, ...];
     None off the last pipeline stage."""
     microbatches = device_microbatches(pairs, run.micro_batch_size, run.pad_id, run.cfg.data)
-    reference_pass(run.policy, microbatches, microbatches[0]["tokens"].shape[1], run.arch.vocab_size)
-    if not run.ctx.is_last_stage:
+    logps = reference_pass(run.policy, microbatches, microbatches[0]["tokens"].shape[1], run.arch.vocab_size)
+    if not run.dims.is_last_stage:
         return None
-    return [value for batch in microbatches for value in batch["reference_logps"].tolist()]
+    return [value for microbatch_logps in logps for value in microbatch_logps.tolist()]
 
 
 def run_layout(spec: str) -> dict:
@@ -52,9 +54,9 @@ def run_layout(spec: str) -> dict:
     cfg = load_config(os.path.join(REPO, "configs", "dpo.yaml"), BASE + overrides)
     run = setup_run(cfg)
     sampler = PairSampler(len(run.train_data.pairs), cfg.policy.train_global_batch_size,
-                          run.ctx.dp_rank, run.ctx.dp_size, shuffle=True, seed=cfg.dpo.seed)
+                          run.dims.dp_rank, run.dims.dp_size, shuffle=True, seed=cfg.dpo.seed)
     batches = [[run.train_data.pairs[i] for i in indices] for indices in itertools.islice(sampler, 2)]
-    record = {"layout": name, "num_microbatches": run.layout.num_microbatches,
+    record = {"layout": name, "num_microbatches": run.dims.num_microbatches,
               "logps": sequence_logps(run, batches[0])}
     if cfg.reference.mode == "cached":
         record["cached_logps"] = [value for pair in batches[0] for value in pair.reference_logps]

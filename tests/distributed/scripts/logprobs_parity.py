@@ -3,12 +3,14 @@ full vocabulary, with an odd vocab padded for TP. Run under torchrun."""
 
 import torch
 
-from megatron_dpo.parallel.init import init_parallel, shutdown
+from megatron_dpo.parallel.dims import ParallelDims
+from megatron_dpo.parallel.init import init_distributed, init_parallel, shutdown
 from megatron_dpo.parallel.logprobs import sequence_logprobs, token_logprobs
 
 
 def main() -> None:
-    ctx = init_parallel(tp_size=2, pp_size=1, vpp_size=None, seed=0)
+    init_distributed()
+    ctx = init_parallel(ParallelDims.of_sizes(torch.distributed.get_world_size(), tp_size=2), seed=0)
     vocab_size, padded_vocab, batch, seq = 37, 38, 4, 6
     generator = torch.Generator().manual_seed(1234)
     full_logits = torch.randn(batch, seq, vocab_size, generator=generator, dtype=torch.float64).float()
