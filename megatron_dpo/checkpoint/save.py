@@ -98,8 +98,22 @@ def save_checkpoint(checkpoint_dir: str, step: int, chunks: List[torch.nn.Module
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
-        raise CheckpointSaveError(f"could not write checkpoint step_{step} in {checkpoint_dir}: {problem}")
+        raise CheckpointSaveError(f"could not write checkpoint step_{step} in {checkpoint_dir}: {problem} "
+                                  f"({_space_note(checkpoint_dir)})")
     return final
+
+
+def _space_note(checkpoint_dir: str) -> str:
+    """How much room the file system has, against the size of the newest checkpoint."""
+    free = shutil.disk_usage(checkpoint_dir).free
+    note = f"the file system holding {checkpoint_dir} has {free / 2**20:.1f} MiB free"
+    newest = latest_step(checkpoint_dir)
+    if newest is not None:
+        root = step_dir(checkpoint_dir, newest)
+        size = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(root) for n in names)
+        if free < size:
+            note += f", less than one checkpoint ({size / 2**20:.1f} MiB): the disk is full"
+    return note
 
 
 def _on_every_rank(action) -> Optional[str]:
@@ -112,7 +126,9 @@ def _on_every_rank(action) -> Optional[str]:
     try:
         action()
     except (OSError, CheckpointingException, CheckpointException) as error:
-        problem = f"{type(error).__name__}: {str(error)[:1000]}"
+        # DCP's exceptions carry each failed rank's traceback: its last line is the cause.
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        problem = f"{type(error).__name__}: {lines[-1].strip()[:1000] if lines else ''}"
     problems = [None] * dist.get_world_size()
     dist.all_gather_object(problems, problem)
     return next((p for p in problems if p is not None), None)

@@ -108,10 +108,15 @@ def load_source_weights(chunks: List[torch.nn.Module], source: ModelSource, dims
 def _load_checkpoint_weights(chunks: List[torch.nn.Module], path: str) -> None:
     """A megatron_dpo checkpoint as the source: refused by name when its files
     would run code (compat's restricted unpickler) or its weights hold NaN/inf."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
     try:
         load_model_weights(chunks, policy_dir(path))
-    except pickle.UnpicklingError as error:
-        raise ConfigError(f"policy.model_name={path!r} cannot be loaded safely: {error}") from error
+    except (pickle.UnpicklingError, AssertionError, CheckpointingException, CheckpointException) as error:
+        # DCP reports a refused or unreadable .metadata as "metadata is None; ..." inside its exception.
+        reason = str(error).strip().splitlines()[-1][:2000]
+        raise ConfigError(f"policy.model_name={path!r} cannot be loaded: {reason}") from error
     for chunk in chunks:
         for name, param in chunk.named_parameters():
             if not torch.isfinite(param).all():

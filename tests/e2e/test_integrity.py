@@ -6,6 +6,7 @@ directory is never taken over; bad inputs stop before any work (exit 2)."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,14 @@ from tests.conftest import CPU_ENV, REPO, RUN_DPO, TINY_OVERRIDES, free_port, re
 from tests.e2e.conftest import RESUMABLE, assert_same_records
 
 SAVED_EVERY_STEP = [*RESUMABLE, "checkpointing.save_period=1"]
+
+
+def _rank_exit_code(result) -> int:
+    """The ranks' exit code (torchrun itself exits 1 when a rank fails, and
+    stops the other ranks with SIGTERM, -15, once the first one has exited)."""
+    codes = {int(code) for code in re.findall(r"exitcode\s*:\s*(-?\d+)", result.stderr)} - {-15}
+    assert len(codes) == 1, (codes, result.stderr[-3000:])
+    return codes.pop()
 
 
 def _damage(path: str, how: str) -> None:
@@ -70,8 +79,8 @@ def test_full_disk_stops_with_a_clear_message_and_the_next_run_resumes(tmp_path,
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", run_dir], check=True)
     try:
         records, result = run_dpo(tmp_path, 2, SAVED_EVERY_STEP, check=False)
-        assert result.returncode == 4, result.stderr[-3000:]
-        assert "No space left on device" in result.stderr and "could not write checkpoint step_2" in result.stderr
+        assert _rank_exit_code(result) == 4, result.stderr[-3000:]
+        assert "could not write checkpoint step_2" in result.stderr and "the disk is full" in result.stderr
         assert "the newest complete checkpoint is step_1" in result.stderr and "]: Traceback" not in result.stderr
         assert not [name for name in os.listdir(run_dir) if name.startswith(".tmp_")]  # no half-written step left
         subprocess.run(["mount", "-o", "remount,size=256m", run_dir], check=True)  # space is back
@@ -96,7 +105,8 @@ def test_second_run_on_one_directory_is_refused_naming_the_holder(tmp_path):
         start = time.time()
         second = subprocess.run(command, cwd=REPO, env=dict(env, MASTER_PORT=str(free_port())),
                                 capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2 and time.time() - start < 10 + 15  # refused at startup (imports ~10 s)
+        # Refused at startup, before any data or model work (imports take ~10 s, longer on a busy machine).
+        assert second.returncode == 2 and time.time() - start < 60
         assert f"is in use by another run (host {os.uname().nodename}, pid {first.pid}" in second.stderr
         assert first.poll() is None  # the first run goes on
     finally:
@@ -109,7 +119,7 @@ def test_a_users_directory_is_never_taken_over(tmp_path):
     run_dir.mkdir()
     (run_dir / "notes.txt").write_text("mine")
     _, result = run_dpo(tmp_path, 1, ["dpo.max_num_steps=1"], check=False)
-    assert result.returncode == 2 and "has no .megatron_dpo_run marker" in result.stderr
+    assert _rank_exit_code(result) == 2 and "has no .megatron_dpo_run marker" in result.stderr
     assert sorted(os.listdir(run_dir)) == ["notes.txt"] and (run_dir / "notes.txt").read_text() == "mine"
 
 
@@ -119,14 +129,14 @@ def test_export_over_a_users_directory_is_refused_before_training(tmp_path):
     (target / "config.json").write_text("{}")
     records, result = run_dpo(tmp_path, 1, ["dpo.max_num_steps=1", f"checkpointing.export_hf_dir={target}"],
                               check=False)
-    assert result.returncode == 2 and "has no .megatron_dpo_export marker" in result.stderr
+    assert _rank_exit_code(result) == 2 and "has no .megatron_dpo_export marker" in result.stderr
     assert not records and sorted(os.listdir(target)) == ["config.json"]
 
 
 def test_precision_change_on_resume_is_refused_naming_the_key(tmp_path):
     run_dpo(tmp_path, 1, ["dpo.max_num_steps=1"])
     records, result = run_dpo(tmp_path, 1, ["dpo.max_num_steps=2", "policy.precision=bfloat16"], check=False)
-    assert result.returncode == 2 and "]: Traceback" not in result.stderr and "KeyError" not in result.stderr
+    assert _rank_exit_code(result) == 2 and "]: Traceback" not in result.stderr and "KeyError" not in result.stderr
     assert "trained with policy.precision=float32, this run sets policy.precision=bfloat16" in result.stderr
 
 
@@ -136,7 +146,7 @@ def test_validation_set_smaller_than_its_batch_is_refused_at_startup(tmp_path):
                            for i in range(3)))
     records, result = run_dpo(tmp_path, 1, [f"data.val_data_path={val}", "dpo.val_global_batch_size=8",
                                             "dpo.val_period=5"], check=False)
-    assert result.returncode == 2 and not records
+    assert _rank_exit_code(result) == 2 and not records
     assert f"{val} (val) holds 3 usable pairs, fewer than one validation batch" in result.stderr
 
 
@@ -145,7 +155,7 @@ def test_non_utf8_data_names_file_line_and_offset(tmp_path):
     good = json.dumps({"prompt": "q", "chosen": "yes", "rejected": "no"}).encode() + b"\n"
     train.write_bytes(good * 3 + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
     records, result = run_dpo(tmp_path, 1, [f"data.train_data_path={train}"], check=False)
-    assert result.returncode == 2 and not records and "Traceback" not in result.stderr
+    assert _rank_exit_code(result) == 2 and not records and "]: Traceback" not in result.stderr
     assert f"{train}:4" in result.stderr and "byte" in result.stderr
 
 
@@ -169,6 +179,7 @@ def test_hostile_metadata_in_a_checkpoint_is_refused_and_runs_nothing(tmp_path, 
     with open(os.path.join(checkpoint, "policy", ".metadata"), "wb") as handle:
         pickle.dump(_CreatesAFile(created), handle)
     records, result = run_dpo(tmp_path, 1, ["dpo.max_num_steps=1", f"policy.model_name={checkpoint}"], check=False)
-    assert result.returncode == 2 and not records, result.stderr[-3000:]
-    assert f"policy.model_name={checkpoint!r} cannot be loaded safely" in result.stderr
+    assert _rank_exit_code(result) == 2 and not records, result.stderr[-3000:]
+    assert f"policy.model_name={checkpoint!r} cannot be loaded" in result.stderr
+    assert "references io.open" in result.stderr and "could run code" in result.stderr
     assert not os.path.exists(created)
