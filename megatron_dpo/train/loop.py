@@ -249,6 +249,9 @@ class Trainer:
             if self.last_saved_step is not None else None,
             "stopped_early": stop_reason,
             "hf_export": hf_export,
+            # What a stop decision needs (slurm/job_state.py budgets the next attempt with them).
+            "max_step_time_s": round(self.max_iteration_seconds, 3),
+            "max_save_time_s": round(self.max_save_seconds, 3),
         }
         val_history = self.state.val_history
         if val_history:
