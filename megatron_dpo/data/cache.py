@@ -63,6 +63,7 @@ def open_tokenized(path: str, data_cfg: DataConfig, tokenizer, max_length: int,
     identity = cache_identity(path, data_cfg, tokenizer, max_length)
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
     directory = os.path.join(cache_dir, key)
+    built_here = False
     if not _published(directory):
         os.makedirs(cache_dir, exist_ok=True)
         error_path = directory + ".error"
@@ -74,7 +75,10 @@ def open_tokenized(path: str, data_cfg: DataConfig, tokenizer, max_length: int,
                     with open(error_path, encoding="utf-8") as handle:
                         raise DataError(handle.read())
                 _build(path, data_cfg, tokenizer, max_length, identity, directory)
-    return TokenizedDataset(directory)
+                built_here = True
+    dataset = TokenizedDataset(directory)
+    dataset.built_here = built_here
+    return dataset
 
 
 def cache_identity(path: str, data_cfg: DataConfig, tokenizer, max_length: int) -> dict:
@@ -191,6 +195,8 @@ class TokenizedDataset:
         with open(os.path.join(directory, META_FILE), encoding="utf-8") as handle:
             meta = json.load(handle)
         self.directory = directory
+        # Whether this process built the cache (open_tokenized), rather than opened a published one.
+        self.built_here = False
         self.num_dropped: int = meta["num_dropped"]
         self.num_truncated: int = meta["num_truncated"]
         self.fingerprint: str = meta["fingerprint"]

@@ -31,7 +31,7 @@ from megatron_dpo.loss.registry import NEEDS_GT_REWARDS, check_loss_config
 from megatron_dpo.models.architecture import ModelArchitecture
 from megatron_dpo.models.build import build_model
 from megatron_dpo.parallel.dims import ParallelDims
-from megatron_dpo.parallel.init import init_distributed, init_parallel
+from megatron_dpo.parallel.init import get_device, init_distributed, init_parallel
 from megatron_dpo.train import reference as reference_logps
 from megatron_dpo.train.optimizer import build_optimizer, build_scheduler, install_schedule_hooks, wrap_ddp
 from megatron_dpo.train.resume import claim_run_dir, on_rank0, prepare_run_dir
@@ -94,6 +94,7 @@ def _load_data(cfg: Config, tokenizer, paths: Dict[str, str]) -> Dict[str, Token
     with timed(f"opening the tokenized data ({cache_dir})"):
         datasets = {name: open_tokenized(path, cfg.data, tokenizer, max_length, cache_dir)
                     for name, path in paths.items()}
+    _log_builders(datasets, paths)
     for name, data in datasets.items():  # fail here, not at the first validation
         if name != "train" and len(data.pairs) < cfg.dpo.val_global_batch_size:
             raise DataError(
@@ -110,6 +111,15 @@ def _load_data(cfg: Config, tokenizer, paths: Dict[str, str]) -> Dict[str, Token
                     "or pick a loss without them (e.g. loss_fn.preference_loss=dpo)"
                 )
     return datasets
+
+
+def _log_builders(datasets: Dict[str, TokenizeResult], paths: Dict[str, str]) -> None:
+    """Collective: rank 0 says how many processes tokenized each data set (1, or 0: reused)."""
+    built = torch.tensor([int(data.built_here) for data in datasets.values()], device=get_device())
+    dist.all_reduce(built)
+    for (name, data), count in zip(datasets.items(), built.tolist()):
+        how = f"built by {count} of {dist.get_world_size()} processes" if count else "reused"
+        logger.info("tokenized cache of %s (%s): %s, %s", paths[name], name, how, data.directory)
 
 
 def build_chunks(cfg: Config, arch: ModelArchitecture, dims: ParallelDims, trainable: bool) -> List[torch.nn.Module]:

@@ -183,3 +183,12 @@ def test_hostile_metadata_in_a_checkpoint_is_refused_and_runs_nothing(tmp_path, 
     assert f"policy.model_name={checkpoint!r} cannot be loaded" in result.stderr
     assert "references io.open" in result.stderr and "could run code" in result.stderr
     assert not os.path.exists(created)
+
+
+def test_two_ranks_tokenize_each_data_set_once_and_a_restart_reuses_it(tmp_path):
+    """Issue 13: one process builds the tokenized cache while the other waits; a restart tokenizes nothing."""
+    _, result = run_dpo(tmp_path, 2, ["dpo.max_num_steps=1", "dpo.val_period=1"])
+    assert "(train): built by 1 of 2 processes" in result.stderr and "(val): built by 1 of 2 processes" in result.stderr
+    _, result = run_dpo(tmp_path, 2, ["dpo.max_num_steps=2", "dpo.val_period=1"])
+    assert "(train): reused" in result.stderr and "(val): reused" in result.stderr
+    assert "building the tokenized cache" not in result.stderr
