@@ -29,7 +29,7 @@ from megatron_dpo.data import PairSampler
 from megatron_dpo.logging import MetricsLogger, Progress, format_val_line, print_summary, print_val_samples, write_summary
 from megatron_dpo.logging.files import json_safe
 from megatron_dpo.train.errors import NonFiniteError
-from megatron_dpo.train.resume import TrainState, checkpoint_state, restore
+from megatron_dpo.train.resume import TrainState, checkpoint_state, lora_base, restore
 from megatron_dpo.train.setup import Run, setup_run
 from megatron_dpo.train.signals import StopRequests
 from megatron_dpo.train.step import train_step
@@ -107,6 +107,7 @@ class Trainer:
         start = time.perf_counter()
         run = self.run
         state = checkpoint_state(run.dims, self.state, self.sampler, self.fingerprints, json_safe(self.step_metrics))
+        state["lora_base"] = lora_base(run)
         try:
             path = save_checkpoint(self.run_dir, self.step, run.policy, run.optimizer, run.scheduler, state,
                                    run.dims.rank, ModelFiles(run.cfg, run.arch, run.tokenizer))

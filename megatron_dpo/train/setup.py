@@ -30,6 +30,7 @@ from megatron_dpo.logging import timed
 from megatron_dpo.loss.registry import NEEDS_GT_REWARDS, check_loss_config
 from megatron_dpo.models.architecture import ModelArchitecture
 from megatron_dpo.models.build import build_model
+from megatron_dpo.models.lora import apply_lora, fresh_adapter, read_peft_adapter, reference_adapters
 from megatron_dpo.parallel.dims import ParallelDims
 from megatron_dpo.parallel.init import init_distributed, init_parallel
 from megatron_dpo.train import reference as reference_logps
@@ -176,6 +177,8 @@ def build_models(cfg: Config, source: ModelSource, dims: ParallelDims, resume_di
     (see the module docstring); cached / none: every pair of ``datasets``
     (read from ``paths``) gets its reference log-probs and the reference
     chunks are []."""
+    if cfg.policy.lora_cfg.enabled:
+        return build_lora_policy(cfg, source, dims, pad_id, datasets, paths), []
     mode, vocab_size = cfg.reference.mode, source.arch.vocab_size
     found, missing = reference_logps.load_caches(cfg, source, datasets) if mode == "cached" else ({}, {})
     if missing and resume_dir is not None:
@@ -204,6 +207,32 @@ def build_models(cfg: Config, source: ModelSource, dims: ParallelDims, resume_di
         logps = found[name] if mode == "cached" else torch.zeros(len(data.pairs), 2)  # none: reference-free
         data.set_reference_logps(logps)
     return policy, []
+
+
+def build_lora_policy(cfg: Config, source: ModelSource, dims: ParallelDims, pad_id: int,
+                      datasets: Dict[str, TokenizeResult], paths: Dict[str, str]) -> List[torch.nn.Module]:
+    """The policy of a LoRA run: the frozen base (read once from the source,
+    fresh start or resume alike: a LoRA checkpoint holds the adapters only)
+    plus the initial adapters. The reference is this model with its initial
+    adapters (models/lora.py): no reference model is built; cached / none
+    give every pair its reference log-probs as in ``build_models``."""
+    lora_cfg, mode = cfg.policy.lora_cfg, cfg.reference.mode
+    policy = build_from_source(cfg, source, dims, trainable=True)
+    if lora_cfg.init_adapter_path is None:
+        initial = lambda name, shape: fresh_adapter(name, shape, cfg.dpo.seed)  # noqa: E731
+    else:
+        initial = read_peft_adapter(lora_cfg.init_adapter_path, lora_cfg)
+    apply_lora(policy, source.arch, dims, lora_cfg, initial, keep_initial=True)
+    if mode == "online":
+        return policy
+    found, missing = reference_logps.load_caches(cfg, source, datasets) if mode == "cached" else ({}, {})
+    if missing:
+        with reference_adapters(policy):
+            found.update(reference_logps.compute_caches(cfg, dims, source.arch.vocab_size, pad_id, datasets,
+                                                        missing, paths, policy))
+    for name, data in datasets.items():
+        data.set_reference_logps(found[name] if mode == "cached" else torch.zeros(len(data.pairs), 2))
+    return policy
 
 
 def setup_run(cfg: Config, source: Optional[ModelSource] = None,
