@@ -21,6 +21,7 @@ from typing import Dict, Optional
 from megatron_dpo.checkpoint.fingerprint import tokenizer_fingerprint
 from megatron_dpo.checkpoint.files import CONFIG_FILE, is_complete, step_dir
 from megatron_dpo.checkpoint.hf_export import megatron_to_hf
+from megatron_dpo.checkpoint.lora_export import export_adapter, export_merged
 from megatron_dpo.checkpoint.errors import CheckpointSaveError
 from megatron_dpo.checkpoint.save import ModelFiles, prune_checkpoints, save_checkpoint
 from megatron_dpo.config.load import config_to_dict, save_config
@@ -229,11 +230,18 @@ class Trainer:
                 )
 
     def _export_hf(self) -> Optional[str]:
-        """Collective: the final checkpoint as an HF model directory (checkpointing.export_hf_dir)."""
+        """Collective: the final checkpoint as an HF model directory (checkpointing.export_hf_dir;
+        LoRA: base and adapters merged) and, for LoRA, as a PEFT adapter directory
+        (checkpointing.export_adapter_dir)."""
+        final = step_dir(self.run_dir, self.last_saved_step)
+        adapter_dir = self.cfg.checkpointing.export_adapter_dir
+        if adapter_dir is not None:
+            self._write(f"exported the adapters as a PEFT adapter: {os.path.abspath(export_adapter(final, adapter_dir))}")
         out_dir = self.cfg.checkpointing.export_hf_dir
         if out_dir is None:
             return None
-        path = os.path.abspath(megatron_to_hf(step_dir(self.run_dir, self.last_saved_step), out_dir))
+        export = export_merged if self.cfg.policy.lora_cfg.enabled else megatron_to_hf
+        path = os.path.abspath(export(final, out_dir))
         self._write(f"exported the policy as a Hugging Face model: {path}")
         return path
 

@@ -243,9 +243,11 @@ def setup_run(cfg: Config, source: Optional[ModelSource] = None,
     source, dims, paths, tokenizer = _prepare(cfg, source)
     # Decided before any model is built: where the policy's weights come from.
     resume_dir, lock = prepare_run_dir(cfg, dims) if use_run_dir else (None, None)
-    if cfg.checkpointing.export_hf_dir is not None:  # refuse a bad target before training
-        sources = [path for path in (cfg.policy.model_name, cfg.checkpointing.checkpoint_dir) if os.path.isdir(path)]
-        on_rank0(lambda: check_export_dir(cfg.checkpointing.export_hf_dir, sources), dims)
+    for out_dir in (cfg.checkpointing.export_hf_dir, cfg.checkpointing.export_adapter_dir):
+        if out_dir is not None:  # refuse a bad target before training
+            sources = [path for path in (cfg.policy.model_name, cfg.checkpointing.checkpoint_dir,
+                                         cfg.policy.lora_cfg.init_adapter_path) if path and os.path.isdir(path)]
+            on_rank0(lambda: check_export_dir(out_dir, sources), dims)  # noqa: B023
     datasets = dict(datasets) if datasets is not None else _load_data(cfg, tokenizer, paths)
     policy, reference = build_models(cfg, source, dims, resume_dir, tokenizer.pad_token_id, datasets, paths)
     train_data = datasets.pop("train")
