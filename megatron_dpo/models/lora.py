@@ -142,7 +142,7 @@ class LinearAdapters(torch.nn.Module):
         """[s, b, out_local] to add to the layer's output, or None (nothing active)."""
         from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
-        x = self.dropout(x)
+        x = x if self.reference else self.dropout(x)  # the reference is deterministic
         if self.linear in _ROW_PARALLEL:
             weights = getattr(self, self.part_names[0]).weights(self.reference)
             if weights is None:
