@@ -102,12 +102,14 @@ class LoRAPair(torch.nn.Module):
         super().__init__()
         self.A = torch.nn.Parameter(torch.zeros(a_shape, dtype=dtype, device=device))
         self.B = torch.nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
+        # The frozen initial (A, B): what the reference uses, and what a run
+        # restarts from when no checkpoint is usable.
         self.initial: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def weights(self, reference: bool) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         if not reference:
             return self.A, self.B
-        return self.initial  # None: the initial adapter is zero
+        return None if not self.initial[1].any() else self.initial  # B = 0: the base alone
 
 
 class LinearAdapters(torch.nn.Module):
@@ -194,10 +196,10 @@ def _layers(chunks) -> Iterator[Tuple[int, torch.nn.Module]]:
 
 
 def apply_lora(chunks: List[torch.nn.Module], arch: ModelArchitecture, dims: ParallelDims, cfg: LoraConfig,
-               full_tensor: Callable[[str, Tuple[int, int]], torch.Tensor], keep_initial: bool) -> None:
+               full_tensor: Callable[[str, Tuple[int, int]], torch.Tensor]) -> None:
     """Freeze every base parameter and attach the adapters of ``cfg.target_modules``,
-    filled from ``full_tensor(canonical name, full shape)``; ``keep_initial``:
-    keep a frozen copy of the initial A, B for the reference."""
+    filled from ``full_tensor(canonical name, full shape)``, each with a frozen
+    copy of its initial A and B (the reference; a few MB)."""
     for chunk in chunks:
         chunk.requires_grad_(False)
     targets = lora_hf_targets(cfg.target_modules)
@@ -219,8 +221,7 @@ def apply_lora(chunks: List[torch.nn.Module], arch: ModelArchitecture, dims: Par
                 with torch.no_grad():
                     pair.A.copy_(shards[0])
                     pair.B.copy_(shards[1])
-                if keep_initial and shards[1].any():
-                    pair.initial = (pair.A.detach().clone(), pair.B.detach().clone())
+                pair.initial = (pair.A.detach().clone(), pair.B.detach().clone())
                 pairs[part] = pair
             linear.lora = LinearAdapters(linear_name, pairs, arch, dims, cfg, linear.tp_group)
             linear.register_forward_hook(_add_delta)
@@ -249,6 +250,14 @@ def adapter_shards(chunks: List[torch.nn.Module], arch: ModelArchitecture) -> It
 
 def has_adapters(chunk: torch.nn.Module) -> bool:
     return any(isinstance(module, LinearAdapters) for module in chunk.modules())
+
+
+@torch.no_grad()
+def reset_adapters(chunks: List[torch.nn.Module]) -> None:
+    """Every adapter back to its initial A and B."""
+    for pair in (m for chunk in chunks for m in chunk.modules() if isinstance(m, LoRAPair)):
+        pair.A.copy_(pair.initial[0])
+        pair.B.copy_(pair.initial[1])
 
 
 @contextmanager

@@ -46,6 +46,7 @@ from megatron_dpo.checkpoint.source import load_source_weights
 from megatron_dpo.config.errors import ConfigError
 from megatron_dpo.config.schema import Config
 from megatron_dpo.logging.metrics import METRICS_FILE
+from megatron_dpo.models.lora import reset_adapters
 from megatron_dpo.parallel.dims import ParallelDims
 
 logger = logging.getLogger(__name__)
@@ -253,7 +254,10 @@ def _start_fresh(run) -> None:
     """Every checkpoint was damaged: the policy reads the source after all."""
     logger.warning("no usable checkpoint in %s: starting fresh from %s", run.cfg.checkpointing.checkpoint_dir,
                    run.source.path)
-    load_source_weights(run.policy, run.source, run.dims, run.cfg.dpo.seed)
+    if run.cfg.policy.lora_cfg.enabled:  # the base is frozen, as read: only the adapters start over
+        reset_adapters(run.policy)
+    else:
+        load_source_weights(run.policy, run.source, run.dims, run.cfg.dpo.seed)
     run.optimizer.reload_model_params()
     if run.dims.is_rank0:
         _tidy(run.cfg, None)

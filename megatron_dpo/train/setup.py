@@ -222,7 +222,7 @@ def build_lora_policy(cfg: Config, source: ModelSource, dims: ParallelDims, pad_
         initial = lambda name, shape: fresh_adapter(name, shape, cfg.dpo.seed)  # noqa: E731
     else:
         initial = read_peft_adapter(lora_cfg.init_adapter_path, lora_cfg)
-    apply_lora(policy, source.arch, dims, lora_cfg, initial, keep_initial=True)
+    apply_lora(policy, source.arch, dims, lora_cfg, initial)
     if mode == "online":
         return policy
     found, missing = reference_logps.load_caches(cfg, source, datasets) if mode == "cached" else ({}, {})

@@ -47,7 +47,7 @@ def max_error(hf_dir: str, adapter_dir: str, expected_BSV, tokens_BS, ctx) -> fl
     chunks = build_model(source.arch, ctx, "float32")
     load_source_weights(chunks, source, ctx, seed=0)
     cfg = lora_config(adapter_dir)
-    apply_lora(chunks, source.arch, ctx, cfg, read_peft_adapter(adapter_dir, cfg), keep_initial=False)
+    apply_lora(chunks, source.arch, ctx, cfg, read_peft_adapter(adapter_dir, cfg))
     error = torch.tensor(-1.0, dtype=torch.float64)
     outputs = megatron_logits(chunks, tokens_BS)
     if ctx.is_last_stage:
