@@ -23,7 +23,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "wandb"],
+        "test": ["pytest>=8", "pytest-timeout", "wandb", "peft"],
         "wandb": ["wandb"],
         "gpu": ["transformer-engine[pytorch]"],
     },

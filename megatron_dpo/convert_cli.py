@@ -49,12 +49,31 @@ def convert_hf_to_megatron(argv: Optional[List[str]] = None) -> int:
 
 
 def convert_megatron_to_hf(argv: Optional[List[str]] = None) -> int:
-    from megatron_dpo.checkpoint.hf_export import DEFAULT_MAX_SHARD_BYTES, megatron_to_hf
+    from megatron_dpo.checkpoint.hf_export import DEFAULT_MAX_SHARD_BYTES
 
     parser = argparse.ArgumentParser(description="megatron_dpo checkpoint (step_N/) -> HF model directory.")
     parser.add_argument("--checkpoint", required=True, help="a step_N/ directory or a converted checkpoint")
-    parser.add_argument("--out", required=True, help="new or empty directory (an earlier export is replaced)")
+    parser.add_argument("--out", help="new or empty directory (an earlier export is replaced); a LoRA "
+                        "checkpoint is written merged (base + adapters)")
+    parser.add_argument("--adapter-out", help="LoRA checkpoints: write the adapters as a PEFT adapter directory here")
     parser.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
                         help="largest .safetensors file, e.g. 5GB (the default); bounds memory")
     args = parser.parse_args(argv)
-    return _run(lambda: megatron_to_hf(args.checkpoint, args.out, args.max_shard_size))
+    if args.out is None and args.adapter_out is None:
+        parser.error("give --out, --adapter-out (LoRA checkpoints) or both")
+    return _run(lambda: _export(args.checkpoint, args.out, args.adapter_out, args.max_shard_size))
+
+
+def _export(checkpoint: str, out: Optional[str], adapter_out: Optional[str], max_shard_bytes: int) -> str:
+    from megatron_dpo.checkpoint.hf_export import megatron_to_hf
+    from megatron_dpo.checkpoint.lora_export import export_adapter, export_merged, is_lora_checkpoint
+    from megatron_dpo.models.conversion import ConversionError
+
+    lora = is_lora_checkpoint(checkpoint)
+    if adapter_out is not None:
+        if not lora:
+            raise ConversionError(f"--adapter-out: '{checkpoint}' is not a LoRA checkpoint (no adapters to export)")
+        export_adapter(checkpoint, adapter_out)
+    if out is None:
+        return adapter_out
+    return (export_merged if lora else megatron_to_hf)(checkpoint, out, max_shard_bytes)

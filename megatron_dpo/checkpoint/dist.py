@@ -9,6 +9,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from megatron_dpo.models.lora import has_adapters
+
 # dp_reshardable cannot change TP; no metadata fails to save (DESIGN.md).
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -19,10 +21,28 @@ def _unwrap_ddp(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk
 
 
+def _chunk_state(chunk: torch.nn.Module) -> dict:
+    """A chunk's sharded state; a LoRA policy's is its adapters only (the
+    frozen base is read from the source: checkpoint/files.py names it)."""
+    state = _unwrap_ddp(chunk).sharded_state_dict()
+    if has_adapters(chunk):
+        state = {key: value for key, value in state.items() if ".lora." in key}
+    return state
+
+
 def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, dict]:
     if len(chunks) == 1:
-        return {"model": _unwrap_ddp(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": _unwrap_ddp(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
+        return {"model": _chunk_state(chunks[0])}
+    return {f"model{i}": _chunk_state(chunk) for i, chunk in enumerate(chunks)}
+
+
+def _load_into(chunk: torch.nn.Module, state: dict) -> None:
+    if not has_adapters(chunk):
+        _unwrap_ddp(chunk).load_state_dict(state)
+        return
+    result = _unwrap_ddp(chunk).load_state_dict(state, strict=False)
+    missing = [key for key in result.missing_keys if ".lora." in key]
+    assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
 
 
 def save_policy(chunks: List[torch.nn.Module], optimizer, directory: str) -> None:
@@ -42,7 +62,7 @@ def load_model_weights(chunks: List[torch.nn.Module], directory: str) -> None:
     request = model_sharded_state_dict(chunks)
     loaded = dist_checkpointing.load(request, directory)
     for key, chunk in zip(request, chunks):
-        _unwrap_ddp(chunk).load_state_dict(loaded[key])
+        _load_into(chunk, loaded[key])
 
 
 def load_policy(chunks: List[torch.nn.Module], optimizer, directory: str) -> None:
@@ -59,7 +79,7 @@ def load_policy(chunks: List[torch.nn.Module], optimizer, directory: str) -> Non
     request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)
     loaded = dist_checkpointing.load(request, directory)
     for key, chunk in zip(model_state, chunks):
-        _unwrap_ddp(chunk).load_state_dict(loaded[key])
+        _load_into(chunk, loaded[key])
     if torch_adam is None:
         optimizer.load_state_dict(loaded["optimizer"])
     else:

@@ -20,12 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_dpo.config.errors import ConfigError
-from megatron_dpo.config.schema import CHOICES, Config
+from megatron_dpo.config.schema import CHOICES, LORA_HF_TARGETS, LORA_MEGATRON_TARGETS, Config
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean (true or false)", str: "a string"}
 
 # Range checks, by key. Keys holding None (an unset Optional) are skipped.
 _AT_LEAST_ONE = (
+    "policy.lora_cfg.dim",
     "policy.train_global_batch_size",
     "policy.train_micro_batch_size",
     "policy.max_total_sequence_length",
@@ -60,6 +61,7 @@ _POSITIVE = (
     "policy.megatron_cfg.optimizer.adam_eps",
 )
 _UNIT_INTERVAL = (
+    "policy.lora_cfg.dropout",
     "policy.megatron_cfg.optimizer.adam_beta1",
     "policy.megatron_cfg.optimizer.adam_beta2",
     "loss_fn.label_smoothing",
@@ -81,6 +83,7 @@ def load_config(path: Optional[str], overrides: Sequence[str]) -> Config:
     _check_choices(cfg)
     _check_ranges(cfg)
     _check_checkpointing(cfg)
+    _check_lora(cfg)
     return cfg
 
 
@@ -265,3 +268,28 @@ def _check_checkpointing(cfg: Config) -> None:
             f"Invalid value for 'checkpointing.metric_name': {metric!r}. Name a split and a metric, "
             "e.g. val:loss, val/<name>:accuracy or train:loss (or null to keep the newest checkpoints)."
         )
+
+
+def _check_lora(cfg: Config) -> None:
+    lora = cfg.policy.lora_cfg
+    if not lora.enabled:
+        for key, value in (("policy.lora_cfg.init_adapter_path", lora.init_adapter_path),
+                           ("checkpointing.export_adapter_dir", cfg.checkpointing.export_adapter_dir)):
+            if value is not None:
+                raise ConfigError(f"{key}={value!r} needs policy.lora_cfg.enabled=true. Enable LoRA, or set {key}=null.")
+        return
+    valid = list(LORA_HF_TARGETS) + list(LORA_MEGATRON_TARGETS)
+    unknown = [name for name in lora.target_modules if name not in valid]
+    if unknown or not lora.target_modules:
+        raise ConfigError(
+            f"Invalid value for 'policy.lora_cfg.target_modules': {list(lora.target_modules)}"
+            f"{f' ({unknown} unknown)' if unknown else ' (empty)'}. Name some of: {', '.join(valid)}."
+        )
+    if lora.alpha <= 0:
+        raise ConfigError(f"Invalid value for 'policy.lora_cfg.alpha': {lora.alpha}. Set it to a value > 0.")
+    if cfg.policy.megatron_cfg.sequence_parallel:
+        raise ConfigError("policy.lora_cfg.enabled=true does not support policy.megatron_cfg.sequence_parallel=true "
+                          "yet: set sequence_parallel=false.")
+    if cfg.checkpointing.export_adapter_dir is not None and not cfg.checkpointing.enabled:
+        raise ConfigError("checkpointing.export_adapter_dir needs checkpointing.enabled=true (the export is "
+                          "converted from the final checkpoint). Enable checkpointing, or set it to null.")

@@ -7,7 +7,7 @@ Each component receives only its own sub-tree, never the whole config.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 
 @dataclass
@@ -53,6 +53,26 @@ class MegatronConfig:
 
 
 @dataclass
+class LoraConfig:
+    # Train low-rank adapters over the frozen base instead of every weight;
+    # the reference is then the base with the initial adapters (models/lora.py).
+    enabled: bool = False
+    # Adapter rank r (PEFT's r).
+    dim: int = 8
+    # PEFT's lora_alpha: the adapter output is scaled by alpha / dim.
+    alpha: float = 16.0
+    # Dropout on the adapter input (PEFT's lora_dropout).
+    dropout: float = 0.0
+    # HF names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)
+    # or megatron names (linear_qkv = q,k,v; linear_proj = o; linear_fc1 =
+    # gate,up; linear_fc2 = down).
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # A PEFT adapter directory (adapter_config.json + adapter_model.safetensors)
+    # to start from; None: fresh adapters (A random, B zero).
+    init_adapter_path: Optional[str] = None
+
+
+@dataclass
 class PolicyConfig:
     # A built-in preset name (see megatron_dpo.models.presets), an HF checkpoint
     # directory (config.json + safetensors) or a megatron_dpo checkpoint dir.
@@ -65,6 +85,7 @@ class PolicyConfig:
     precision: str = "bfloat16"
     max_grad_norm: float = 1.0
     megatron_cfg: MegatronConfig = field(default_factory=MegatronConfig)
+    lora_cfg: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -174,6 +195,10 @@ class CheckpointingConfig:
     # directory here (safetensors + config + tokenizer; an earlier export is
     # replaced). Needs enabled=true: it is converted from the final step_N/.
     export_hf_dir: Optional[str] = None
+    # LoRA runs (policy.lora_cfg.enabled): at the end, write the final
+    # adapters as a PEFT adapter directory here (export_hf_dir then holds
+    # the merged model). None: no adapter export.
+    export_adapter_dir: Optional[str] = None
 
 
 @dataclass
@@ -212,6 +237,28 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+# policy.lora_cfg.target_modules: HF names, each adapting one part of a
+# megatron linear layer; a megatron name stands for all of its parts.
+LORA_HF_TARGETS = {
+    "q_proj": "self_attention.linear_qkv", "k_proj": "self_attention.linear_qkv",
+    "v_proj": "self_attention.linear_qkv", "o_proj": "self_attention.linear_proj",
+    "gate_proj": "mlp.linear_fc1", "up_proj": "mlp.linear_fc1", "down_proj": "mlp.linear_fc2",
+}
+LORA_MEGATRON_TARGETS = {
+    "linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_proj": ("o_proj",),
+    "linear_fc1": ("gate_proj", "up_proj"), "linear_fc2": ("down_proj",),
+}
+
+
+def lora_hf_targets(target_modules: List[str]) -> List[str]:
+    """policy.lora_cfg.target_modules as HF names, in LORA_HF_TARGETS order
+    (a name neither HF's nor megatron's is left out: config.load refuses it)."""
+    names = set()
+    for name in target_modules:
+        names.update(LORA_MEGATRON_TARGETS.get(name, (name,)))
+    return [name for name in LORA_HF_TARGETS if name in names]
 
 
 # Choices of string-valued keys, checked at load.

@@ -13,6 +13,9 @@ and micro-batch in 16-bit units of s*b*h: 34/t with sequence parallelism,
 checkpointed, plus one layer recomputed. Stage p of the 1F1B pipeline holds
 min(PP - p, micro-batches) micro-batches in flight. A micro-batch of m pairs
 is b = 2m sequences of up to s = policy.max_total_sequence_length tokens.
+LoRA runs (policy.lora_cfg.enabled): the base weights once, frozen (no
+grads, no optimizer state, no reference copy); grads and Adam state for the
+adapters only (models/lora.py's shapes).
 Not counted: CUDA context, communication buffers, allocator fragmentation.
 """
 
@@ -20,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import List, Tuple
 
-from megatron_dpo.config.schema import Config
+from megatron_dpo.config.schema import Config, LoraConfig, lora_hf_targets
 from megatron_dpo.models.architecture import ModelArchitecture
 from megatron_dpo.models.weights import canonical_names, full_shape
 from megatron_dpo.parallel.dims import ParallelDims
@@ -59,6 +62,20 @@ def stage_parameters(arch: ModelArchitecture, tp_size: int, pp_size: int) -> Lis
     return counts
 
 
+def lora_stage_parameters(arch: ModelArchitecture, lora_cfg: LoraConfig, tp_size: int, pp_size: int) -> List[int]:
+    """Adapter parameters held by one GPU of each pipeline stage (models/lora.py:
+    column-parallel layers split B, row-parallel ones split A)."""
+    from megatron_dpo.models.lora import part_shapes
+
+    per_layer = 0
+    for part in lora_hf_targets(lora_cfg.target_modules):
+        (rank, fan_in), (fan_out, _) = part_shapes(part, arch, lora_cfg.dim)
+        row_parallel = part in ("o_proj", "down_proj")
+        per_layer += rank * fan_in // (tp_size if row_parallel else 1)
+        per_layer += fan_out * rank // (1 if row_parallel else tp_size)
+    return [per_layer * arch.num_layers // pp_size] * pp_size
+
+
 def _activation_bytes(arch: ModelArchitecture, cfg: Config, layout: ParallelDims, stage: int) -> float:
     megatron_cfg = cfg.policy.megatron_cfg
     tp = layout.tp_size
@@ -86,8 +103,20 @@ def _stage_rows(arch: ModelArchitecture, cfg: Config, layout: ParallelDims, stag
     shards = layout.dp_size if distributed else 1
     optimizer_what = ("fp32 master + " if precision == "bfloat16" else "") + "Adam m, v"
     optimizer_what += f", sharded over DP {shards}" if distributed else ", not sharded"
-    reference = params * weight_bytes if cfg.reference.mode == "online" else 0
     is_last = stage == layout.pp_size - 1
+    lora_cfg = cfg.policy.lora_cfg
+    if lora_cfg.enabled:  # the base is frozen: grads and Adam state for the adapters only
+        adapters = lora_stage_parameters(arch, lora_cfg, layout.tp_size, layout.pp_size)[stage]
+        return [
+            (f"base weights ({precision}, frozen)", params * weight_bytes),
+            (f"adapter weights (r={lora_cfg.dim}, {adapters / 1e6:.1f}M per GPU)", adapters * weight_bytes),
+            ("adapter grads (fp32)", adapters * 4),
+            (f"adapter optimizer ({optimizer_what})", adapters * optimizer_bytes / shards),
+            ("reference weights (LoRA: base + initial adapters, no copy)", 0),
+            ("activations (rough)", _activation_bytes(arch, cfg, layout, stage)),
+            ("logits + log-softmax", _logits_bytes(arch, cfg, layout) if is_last else 0),
+        ]
+    reference = params * weight_bytes if cfg.reference.mode == "online" else 0
     return [
         (f"policy weights ({precision})", params * weight_bytes),
         ("policy grads (fp32)", params * 4),

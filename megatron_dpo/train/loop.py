@@ -21,6 +21,7 @@ from typing import Dict, Optional
 from megatron_dpo.checkpoint.fingerprint import tokenizer_fingerprint
 from megatron_dpo.checkpoint.files import CONFIG_FILE, is_complete, step_dir
 from megatron_dpo.checkpoint.hf_export import megatron_to_hf
+from megatron_dpo.checkpoint.lora_export import export_adapter, export_merged
 from megatron_dpo.checkpoint.errors import CheckpointSaveError
 from megatron_dpo.checkpoint.save import ModelFiles, prune_checkpoints, save_checkpoint
 from megatron_dpo.config.load import config_to_dict, save_config
@@ -29,7 +30,7 @@ from megatron_dpo.data import PairSampler
 from megatron_dpo.logging import MetricsLogger, Progress, format_val_line, print_summary, print_val_samples, write_summary
 from megatron_dpo.logging.files import json_safe
 from megatron_dpo.train.errors import NonFiniteError
-from megatron_dpo.train.resume import TrainState, checkpoint_state, restore
+from megatron_dpo.train.resume import TrainState, checkpoint_state, lora_base, restore
 from megatron_dpo.train.setup import Run, setup_run
 from megatron_dpo.train.signals import StopRequests
 from megatron_dpo.train.step import train_step
@@ -107,6 +108,7 @@ class Trainer:
         start = time.perf_counter()
         run = self.run
         state = checkpoint_state(run.dims, self.state, self.sampler, self.fingerprints, json_safe(self.step_metrics))
+        state["lora_base"] = lora_base(run)
         try:
             path = save_checkpoint(self.run_dir, self.step, run.policy, run.optimizer, run.scheduler, state,
                                    run.dims.rank, ModelFiles(run.cfg, run.arch, run.tokenizer))
@@ -228,11 +230,18 @@ class Trainer:
                 )
 
     def _export_hf(self) -> Optional[str]:
-        """Collective: the final checkpoint as an HF model directory (checkpointing.export_hf_dir)."""
+        """Collective: the final checkpoint as an HF model directory (checkpointing.export_hf_dir;
+        LoRA: base and adapters merged) and, for LoRA, as a PEFT adapter directory
+        (checkpointing.export_adapter_dir)."""
+        final = step_dir(self.run_dir, self.last_saved_step)
+        adapter_dir = self.cfg.checkpointing.export_adapter_dir
+        if adapter_dir is not None:
+            self._write(f"exported the adapters as a PEFT adapter: {os.path.abspath(export_adapter(final, adapter_dir))}")
         out_dir = self.cfg.checkpointing.export_hf_dir
         if out_dir is None:
             return None
-        path = os.path.abspath(megatron_to_hf(step_dir(self.run_dir, self.last_saved_step), out_dir))
+        export = export_merged if self.cfg.policy.lora_cfg.enabled else megatron_to_hf
+        path = os.path.abspath(export(final, out_dir))
         self._write(f"exported the policy as a Hugging Face model: {path}")
         return path
 

@@ -49,6 +49,9 @@ def load_caches(cfg: Config, source: ModelSource,
     caches still to compute). Collective: every rank calls it with the same data sets."""
     root = reference_cache.cache_root(cfg)
     model = reference_cache.model_identity(source, cfg.dpo.seed)
+    lora_cfg = cfg.policy.lora_cfg
+    if lora_cfg.enabled and lora_cfg.init_adapter_path is not None:  # the reference is base + this adapter
+        model = dict(model, initial_adapter=reference_cache.directory_identity(lora_cfg.init_adapter_path))
     found, missing = {}, {}
     for name, data in datasets.items():
         key, identity = reference_cache.cache_identity(data, model, cfg.policy.precision)

@@ -49,14 +49,19 @@ def model_identity(source: ModelSource, seed: int) -> dict:
     """What the reference weights are made from (see the module docstring)."""
     if source.kind == "preset":
         return {"kind": "preset", "name": source.path, "seed": seed, "arch": source.arch.to_dict()}
-    root = os.path.abspath(source.path)
+    return {"kind": source.kind, **directory_identity(source.path)}
+
+
+def directory_identity(path: str) -> dict:
+    """A directory's path and its files' names, sizes and modification times."""
+    root = os.path.abspath(path)
     files = sorted(
         (os.path.relpath(os.path.join(directory, name), root), stat.st_size, stat.st_mtime_ns)
         for directory, _, names in os.walk(root)
         for name in names
         for stat in [os.stat(os.path.join(directory, name))]
     )
-    return {"kind": source.kind, "path": root, "files": files}
+    return {"path": root, "files": files}
 
 
 def cache_identity(data, model: dict, precision: str) -> Tuple[str, dict]:

@@ -22,6 +22,8 @@ fails). Then rank 0 tidies the run dir; nothing complete is ever deleted:
   summary, plots, config and TensorBoard logs move to ``previous_run_<time>/``.
 """
 
+import hashlib
+import json
 import logging
 import os
 import pickle
@@ -44,6 +46,7 @@ from megatron_dpo.checkpoint.source import load_source_weights
 from megatron_dpo.config.errors import ConfigError
 from megatron_dpo.config.schema import Config
 from megatron_dpo.logging.metrics import METRICS_FILE
+from megatron_dpo.models.lora import reset_adapters
 from megatron_dpo.parallel.dims import ParallelDims
 
 logger = logging.getLogger(__name__)
@@ -71,6 +74,37 @@ def checkpoint_state(dims: ParallelDims, state: TrainState, sampler, fingerprint
         "val_history": state.val_history, "sampler": sampler.state_dict(), "layout": dims.sizes(),
         "fingerprints": fingerprints, "metrics": metrics,
     }
+
+
+def lora_base(run) -> Optional[dict]:
+    """The base a LoRA checkpoint's adapters apply to (its path and a
+    fingerprint of its files); None for a full-model run."""
+    if not run.cfg.policy.lora_cfg.enabled:
+        return None
+    source = run.source
+    if source.kind == "preset":
+        fingerprint = {"preset": source.path, "seed": run.cfg.dpo.seed, "arch": run.arch.to_dict()}
+    else:
+        root = os.path.abspath(source.path)
+        fingerprint = sorted((os.path.relpath(os.path.join(directory, name), root),
+                              os.path.getsize(os.path.join(directory, name)))
+                             for directory, _, names in os.walk(root) for name in names)
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    return {"path": os.path.abspath(source.path) if source.kind != "preset" else source.path, "fingerprint": digest}
+
+
+def _check_lora_base(run, directory: str, saved: dict) -> None:
+    """Adapters continue only on the base they were trained on (and a full
+    checkpoint never continues as LoRA, nor the reverse)."""
+    saved_base, base = saved.get("lora_base"), lora_base(run)
+    if saved_base == base:
+        return
+    describe = lambda b: "full-model training" if b is None else f"LoRA on {b['path']} (fingerprint {b['fingerprint']})"  # noqa: E731
+    raise ConfigError(
+        f"cannot resume from {directory}: it holds {describe(saved_base)}, this run sets up {describe(base)}. "
+        "Point policy.model_name (and policy.lora_cfg.enabled) at the checkpoint's base, or use "
+        "checkpointing.resume=never to start fresh."
+    )
 
 
 def on_rank0(action: Callable[[], object], dims: ParallelDims):
@@ -206,6 +240,7 @@ def restore(run, sampler, fingerprints: Dict[str, str]) -> Tuple[TrainState, Opt
         saved = read_train_state(directory)
         check_compatible(directory, saved, run.arch.to_dict(), fingerprints,
                          run.cfg.checkpointing.allow_config_change, run.cfg.policy.precision)
+        _check_lora_base(run, directory, saved)
         problem = _load_weights(run, directory)
         if problem is None:
             return _restore_position(run, directory, saved, sampler, fingerprints), directory
@@ -219,7 +254,10 @@ def _start_fresh(run) -> None:
     """Every checkpoint was damaged: the policy reads the source after all."""
     logger.warning("no usable checkpoint in %s: starting fresh from %s", run.cfg.checkpointing.checkpoint_dir,
                    run.source.path)
-    load_source_weights(run.policy, run.source, run.dims, run.cfg.dpo.seed)
+    if run.cfg.policy.lora_cfg.enabled:  # the base is frozen, as read: only the adapters start over
+        reset_adapters(run.policy)
+    else:
+        load_source_weights(run.policy, run.source, run.dims, run.cfg.dpo.seed)
     run.optimizer.reload_model_params()
     if run.dims.is_rank0:
         _tidy(run.cfg, None)

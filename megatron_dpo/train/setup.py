@@ -30,6 +30,7 @@ from megatron_dpo.logging import timed
 from megatron_dpo.loss.registry import NEEDS_GT_REWARDS, check_loss_config
 from megatron_dpo.models.architecture import ModelArchitecture
 from megatron_dpo.models.build import build_model
+from megatron_dpo.models.lora import apply_lora, fresh_adapter, read_peft_adapter, reference_adapters
 from megatron_dpo.parallel.dims import ParallelDims
 from megatron_dpo.parallel.init import get_device, init_distributed, init_parallel
 from megatron_dpo.train import reference as reference_logps
@@ -186,6 +187,8 @@ def build_models(cfg: Config, source: ModelSource, dims: ParallelDims, resume_di
     (see the module docstring); cached / none: every pair of ``datasets``
     (read from ``paths``) gets its reference log-probs and the reference
     chunks are []."""
+    if cfg.policy.lora_cfg.enabled:
+        return build_lora_policy(cfg, source, dims, pad_id, datasets, paths), []
     mode, vocab_size = cfg.reference.mode, source.arch.vocab_size
     found, missing = reference_logps.load_caches(cfg, source, datasets) if mode == "cached" else ({}, {})
     if missing and resume_dir is not None:
@@ -216,6 +219,32 @@ def build_models(cfg: Config, source: ModelSource, dims: ParallelDims, resume_di
     return policy, []
 
 
+def build_lora_policy(cfg: Config, source: ModelSource, dims: ParallelDims, pad_id: int,
+                      datasets: Dict[str, TokenizeResult], paths: Dict[str, str]) -> List[torch.nn.Module]:
+    """The policy of a LoRA run: the frozen base (read once from the source,
+    fresh start or resume alike: a LoRA checkpoint holds the adapters only)
+    plus the initial adapters. The reference is this model with its initial
+    adapters (models/lora.py): no reference model is built; cached / none
+    give every pair its reference log-probs as in ``build_models``."""
+    lora_cfg, mode = cfg.policy.lora_cfg, cfg.reference.mode
+    policy = build_from_source(cfg, source, dims, trainable=True)
+    if lora_cfg.init_adapter_path is None:
+        initial = lambda name, shape: fresh_adapter(name, shape, cfg.dpo.seed)  # noqa: E731
+    else:
+        initial = read_peft_adapter(lora_cfg.init_adapter_path, lora_cfg)
+    apply_lora(policy, source.arch, dims, lora_cfg, initial)
+    if mode == "online":
+        return policy
+    found, missing = reference_logps.load_caches(cfg, source, datasets) if mode == "cached" else ({}, {})
+    if missing:
+        with reference_adapters(policy):
+            found.update(reference_logps.compute_caches(cfg, dims, source.arch.vocab_size, pad_id, datasets,
+                                                        missing, paths, policy))
+    for name, data in datasets.items():
+        data.set_reference_logps(found[name] if mode == "cached" else torch.zeros(len(data.pairs), 2))
+    return policy
+
+
 def setup_run(cfg: Config, source: Optional[ModelSource] = None,
               datasets: Optional[Dict[str, TokenizeResult]] = None, use_run_dir: bool = True) -> Run:
     """``source`` and ``datasets`` ("train", ...) stand in for policy.model_name
@@ -224,9 +253,11 @@ def setup_run(cfg: Config, source: Optional[ModelSource] = None,
     source, dims, paths, tokenizer = _prepare(cfg, source)
     # Decided before any model is built: where the policy's weights come from.
     resume_dir, lock = prepare_run_dir(cfg, dims) if use_run_dir else (None, None)
-    if cfg.checkpointing.export_hf_dir is not None:  # refuse a bad target before training
-        sources = [path for path in (cfg.policy.model_name, cfg.checkpointing.checkpoint_dir) if os.path.isdir(path)]
-        on_rank0(lambda: check_export_dir(cfg.checkpointing.export_hf_dir, sources), dims)
+    for out_dir in (cfg.checkpointing.export_hf_dir, cfg.checkpointing.export_adapter_dir):
+        if out_dir is not None:  # refuse a bad target before training
+            sources = [path for path in (cfg.policy.model_name, cfg.checkpointing.checkpoint_dir,
+                                         cfg.policy.lora_cfg.init_adapter_path) if path and os.path.isdir(path)]
+            on_rank0(lambda: check_export_dir(out_dir, sources), dims)  # noqa: B023
     datasets = dict(datasets) if datasets is not None else _load_data(cfg, tokenizer, paths)
     policy, reference = build_models(cfg, source, dims, resume_dir, tokenizer.pad_token_id, datasets, paths)
     train_data = datasets.pop("train")

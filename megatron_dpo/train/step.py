@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from megatron_dpo.config.schema import DataConfig
 from megatron_dpo.data import TokenizedPair, make_microbatches
+from megatron_dpo.models.lora import reference_adapters
 from megatron_dpo.parallel.dims import ParallelDims
 from megatron_dpo.parallel.init import get_device
 from megatron_dpo.train.schedule import METRIC_SUMS, PolicyPassResult, policy_pass, reference_pass
@@ -32,6 +33,11 @@ def reference_logps_of(run, microbatches: List[dict], seq_length: int) -> List[O
     """Per micro-batch, the [2B] reference log-probs (None off the last stage).
     Online: a pass of the reference; cached / none: the pairs carried them
     into each micro-batch (collate)."""
+    if run.cfg.policy.lora_cfg.enabled and run.cfg.reference.mode == "online":
+        # LoRA: the reference is the policy's base with the initial adapters.
+        with reference_adapters(run.policy):
+            logps = reference_pass(run.policy, microbatches, seq_length, run.arch.vocab_size)
+        return logps or [None] * len(microbatches)
     if not run.reference:
         return [batch["reference_logps"] for batch in microbatches]
     logps = reference_pass(run.reference, microbatches, seq_length, run.arch.vocab_size)

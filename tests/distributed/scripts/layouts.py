@@ -35,7 +35,11 @@ KEYS = {
     "share": "data.prefix_sharing",
     "ref": "reference.mode",
     "cache": "reference.cache_dir",
+    "lora": "policy.lora_cfg.enabled",
 }
+# lora=true: adapters on every linear (rank 4), all parts of the fused layers.
+LORA = ["policy.lora_cfg.dim=4", "policy.lora_cfg.alpha=8",
+        "policy.lora_cfg.target_modules=[linear_qkv,linear_proj,gate_proj,up_proj,down_proj]"]
 
 
 def sequence_logps(run, pairs):
@@ -51,6 +55,7 @@ def sequence_logps(run, pairs):
 def run_layout(spec: str) -> dict:
     name, _, settings = spec.partition(":")
     overrides = [f"{KEYS[k]}={v}" for k, v in (item.split("=") for item in settings.split(",") if item)]
+    overrides += LORA if "lora=true" in settings else []
     cfg = load_config(os.path.join(REPO, "configs", "dpo.yaml"), BASE + overrides)
     run = setup_run(cfg)
     sampler = PairSampler(len(run.train_data.pairs), cfg.policy.train_global_batch_size,
@@ -61,6 +66,11 @@ def run_layout(spec: str) -> dict:
     if cfg.reference.mode == "cached":
         record["cached_logps"] = [value for pair in batches[0] for value in pair.reference_logps]
     record["steps"] = [train_step(run, pairs) for pairs in batches]
+    # What gets gradients: the DDP grad buffers and the optimizer's parameters.
+    record["grad_buffer_numel"] = sum(buffer.grad_data.numel() for chunk in run.policy for buffer in chunk.buffers)
+    record["optimizer_numel"] = sum(param.numel() for group in run.optimizer.param_groups
+                                    for param in group["params"])
+    record["trainable_numel"] = sum(p.numel() for chunk in run.policy for p in chunk.parameters() if p.requires_grad)
     return record
 
 
