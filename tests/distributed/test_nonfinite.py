@@ -41,7 +41,7 @@ def test_nonfinite_steps_are_never_saved_and_the_abort_names_the_last_good_one(t
             "policy.train_micro_batch_size=2", "dpo.max_consecutive_nonfinite=3", "checkpointing.save_period=1",
             "checkpointing.keep_top_k=1", "checkpointing.metric_name=train:loss"]
     result = torchrun(2, SCRIPT, args, check=False)
-    assert result.returncode == 3, result.stderr[-3000:]
+    assert result.returncode != 0 and "(exitcode: 3)" in result.stderr, result.stderr[-3000:]  # the ranks' code
     steps = sorted(int(name[5:]) for name in os.listdir(run_dir) if re.fullmatch(r"step_\d+", name))
     assert 4 in steps and not set(steps) & {2, 3, 5, 6, 7}, steps
     last_good = os.path.join(run_dir, "step_4")
