@@ -42,12 +42,32 @@ class SchedulerConfig:
 
 
 @dataclass
+class DistributedDataParallelConfig:
+    # Reduce gradients bucket by bucket while the backward pass still runs
+    # (megatron-core's DDP with its default buckets).
+    overlap_grad_reduce: bool = False
+    # With the distributed optimizer: all-gather updated parameters bucket by
+    # bucket during the next forward pass.
+    overlap_param_gather: bool = False
+
+
+@dataclass
 class MegatronConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
     activation_checkpointing: bool = False
+    # Fused kernels, each auto | true | false. auto: on with Transformer Engine
+    # and CUDA (gradient_accumulation_fusion also needs apex's fused wgrad
+    # kernel), off otherwise; models/kernels.py resolves them.
+    apply_rope_fusion: str = "auto"
+    bias_activation_fusion: str = "auto"
+    gradient_accumulation_fusion: str = "auto"
+    bias_dropout_fusion: str = "auto"
+    masked_softmax_fusion: str = "auto"
+    distributed_data_parallel_config: DistributedDataParallelConfig = field(
+        default_factory=DistributedDataParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -215,7 +235,11 @@ class Config:
 
 
 # Choices of string-valued keys, checked at load.
+_SWITCH = ("auto", "true", "false")
 CHOICES: Dict[str, tuple] = {
+    **{f"policy.megatron_cfg.{name}": _SWITCH for name in (
+        "apply_rope_fusion", "bias_activation_fusion", "gradient_accumulation_fusion",
+        "bias_dropout_fusion", "masked_softmax_fusion")},
     "policy.precision": ("float32", "bfloat16"),
     "policy.megatron_cfg.optimizer.optimizer": ("adam",),
     "policy.megatron_cfg.scheduler.lr_decay_style": (

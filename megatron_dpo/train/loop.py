@@ -30,7 +30,7 @@ from megatron_dpo.logging import MetricsLogger, Progress, format_val_line, print
 from megatron_dpo.logging.files import json_safe
 from megatron_dpo.train.errors import NonFiniteError
 from megatron_dpo.train.resume import TrainState, checkpoint_state, restore
-from megatron_dpo.train.setup import Run, setup_run
+from megatron_dpo.train.setup import Run, kernel_plan, setup_run
 from megatron_dpo.train.signals import StopRequests
 from megatron_dpo.train.step import train_step
 from megatron_dpo.train.validation import validate
@@ -218,6 +218,7 @@ class Trainer:
             f"megatron_dpo: {run.dims.describe()}; {len(train.pairs)} train pairs, {run.total_steps} steps "
             f"of {self.cfg.policy.train_global_batch_size} pairs"
         )
+        self._write(f"kernels: {kernel_plan(self.cfg).describe()}")
         for name, data in {"train": train, **run.val_data}.items():
             if data.num_dropped or data.num_truncated:
                 self._write(

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron_dpo.checkpoint.hf_export import check_export_dir
 from megatron_dpo.checkpoint.lock import RunLock
 from megatron_dpo.checkpoint.source import ModelSource, load_source_weights, load_tokenizer, resolve_source
+from megatron_dpo.config.errors import ConfigError
 from megatron_dpo.config.schema import Config, LossConfig
 from megatron_dpo.config.validate import resolve_val_num_microbatches
 from megatron_dpo.data import DataError, TokenizeResult, open_tokenized, split_paths
@@ -30,6 +31,7 @@ from megatron_dpo.logging import timed
 from megatron_dpo.loss.registry import NEEDS_GT_REWARDS, check_loss_config
 from megatron_dpo.models.architecture import ModelArchitecture
 from megatron_dpo.models.build import build_model
+from megatron_dpo.models.kernels import KernelPlan, detect_env, fusion_settings, resolve_kernels
 from megatron_dpo.parallel.dims import ParallelDims
 from megatron_dpo.parallel.init import init_distributed, init_parallel
 from megatron_dpo.train import reference as reference_logps
@@ -112,13 +114,21 @@ def _load_data(cfg: Config, tokenizer, paths: Dict[str, str]) -> Dict[str, Token
     return datasets
 
 
+def kernel_plan(cfg: Config) -> KernelPlan:
+    """The layer spec, fusions and attention this machine runs (models/kernels.py)."""
+    try:
+        return resolve_kernels(fusion_settings(cfg.policy.megatron_cfg), detect_env())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def build_chunks(cfg: Config, arch: ModelArchitecture, dims: ParallelDims, trainable: bool) -> List[torch.nn.Module]:
     """This rank's chunks of the policy (trainable) or the frozen reference (no
     grads, no optimizer state), both of one layout; weights not yet loaded."""
     megatron_cfg = cfg.policy.megatron_cfg
     return build_model(arch, dims, cfg.policy.precision, megatron_cfg.sequence_parallel,
                        megatron_cfg.activation_checkpointing, trainable=trainable,
-                       prefix_sharing=cfg.data.prefix_sharing)
+                       prefix_sharing=cfg.data.prefix_sharing, kernels=kernel_plan(cfg))
 
 
 def build_from_source(cfg: Config, source: ModelSource, dims: ParallelDims, trainable: bool) -> List[torch.nn.Module]:
