@@ -25,10 +25,21 @@ def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, dict]:
     return {f"model{i}": _unwrap_ddp(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
+def finish_param_sync(chunks: List[torch.nn.Module]) -> None:
+    """Collective. With ``overlap_param_gather`` the optimizer step leaves the
+    other DP ranks' parameter shards to the next forward's pre-hooks: gather
+    them now (as megatron's training loop does before a save)."""
+    for chunk in chunks:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.disable_forward_pre_hook(param_sync=True)
+            chunk.enable_forward_pre_hook()
+
+
 def save_policy(chunks: List[torch.nn.Module], optimizer, directory: str) -> None:
     """Collective: every rank writes its shards of model and optimizer state."""
     from megatron.core import dist_checkpointing
 
+    finish_param_sync(chunks)
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)

@@ -232,7 +232,7 @@ def setup_run(cfg: Config, source: Optional[ModelSource] = None,
     train_data = datasets.pop("train")
     steps = total_steps(cfg, len(train_data.pairs))
     megatron_cfg = cfg.policy.megatron_cfg
-    policy = wrap_ddp(policy, megatron_cfg.optimizer.use_distributed_optimizer)
+    policy = wrap_ddp(policy, megatron_cfg)
     optimizer = build_optimizer(policy, megatron_cfg, cfg.policy.precision, cfg.policy.max_grad_norm)
     scheduler = build_scheduler(optimizer, megatron_cfg, steps)
     install_schedule_hooks(policy, optimizer)

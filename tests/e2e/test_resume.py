@@ -89,3 +89,19 @@ def test_never_moves_the_earlier_run_aside_and_keep_top_k_ranks_by_metric(uninte
     assert sorted(name for name in os.listdir(run_dir) if name.startswith("step_")) == ["step_1", "step_8"]
     with open(os.path.join(run_dir, "step_1", "train_state.json")) as handle:
         assert json.load(handle)["metrics"]["train:loss"] == records[0]["loss"]
+
+
+OVERLAP = ["policy.megatron_cfg.distributed_data_parallel_config.overlap_grad_reduce=true",
+           "policy.megatron_cfg.distributed_data_parallel_config.overlap_param_gather=true"]
+
+
+def test_overlapped_run_saves_the_updated_parameters(uninterrupted, tmp_path):
+    """With overlap_param_gather the optimizer step leaves other ranks' shards
+    to the next forward; the save must gather them first. The overlapped run,
+    and its step 3 continued without overlap: the uninterrupted run's numbers."""
+    expected, _ = uninterrupted
+    overlapped, _ = run_dpo(tmp_path / "overlap", 2, [*RESUMABLE, *OVERLAP, "checkpointing.save_period=3"])
+    assert_same_records(expected, overlapped)
+    step_3 = os.path.join(str(tmp_path), "overlap", "run", "step_3")
+    records, _ = run_dpo(tmp_path, 2, [*RESUMABLE, f"checkpointing.resume={step_3}"])
+    assert_same_records(expected[3:], records)
