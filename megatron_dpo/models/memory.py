@@ -72,10 +72,15 @@ def _activation_bytes(arch: ModelArchitecture, cfg: Config, layout: ParallelDims
 
 
 def _logits_bytes(arch: ModelArchitecture, cfg: Config, layout: ParallelDims) -> float:
-    # Output logits, then fp32 copies for the vocab-parallel log-softmax and its saved softmax.
+    """The last stage's logits (parallel/logprobs.py): fp32 (Float16Module
+    casts them up), their gradient written into the same storage, and in bf16
+    the 16-bit logits / their gradient beside it; plus one chunk of work space."""
+    from megatron_dpo.parallel.logprobs import CHUNK_BYTES
+
     elements = (cfg.policy.max_total_sequence_length * 2 * cfg.policy.train_micro_batch_size
                 * arch.padded_vocab_size(layout.tp_size) // layout.tp_size)
-    return elements * (_WEIGHT_BYTES[cfg.policy.precision] + 3 * 4)
+    sixteen_bit = 2 if cfg.policy.precision == "bfloat16" else 0
+    return elements * (4 + sixteen_bit) + 2 * CHUNK_BYTES
 
 
 def _stage_rows(arch: ModelArchitecture, cfg: Config, layout: ParallelDims, stage: int, params: int):
