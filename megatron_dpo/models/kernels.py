@@ -27,7 +27,7 @@ checks, per fusion:
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 FUSIONS = (
     "apply_rope_fusion",
@@ -101,6 +101,18 @@ def resolve_kernels(settings: Mapping[str, str], env: KernelEnv) -> KernelPlan:
         prefix_attention="SDPA",
         fusions=resolve_fusions(settings, env),
     )
+
+
+def sequence_parallel_problem(sequence_parallel: bool, env: KernelEnv) -> Optional[str]:
+    """Why sequence parallelism cannot run here, or None. On a GPU without TE
+    megatron builds the local spec, whose torch norms refuse
+    ``sequence_parallel`` (an assert at model build); on CPU the compat layer
+    builds without it and tags the parameters (DESIGN.md, CPU compat)."""
+    if sequence_parallel and env.cuda and not env.te:
+        return ("policy.megatron_cfg.sequence_parallel=true needs Transformer Engine on a GPU (the local "
+                "spec's norms refuse it): install the gpu extra (pip install -e '.[gpu]'), or set "
+                "policy.megatron_cfg.sequence_parallel=false")
+    return None
 
 
 def fusion_settings(megatron_cfg) -> Dict[str, str]:

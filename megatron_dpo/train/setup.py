@@ -31,7 +31,8 @@ from megatron_dpo.logging import timed
 from megatron_dpo.loss.registry import NEEDS_GT_REWARDS, check_loss_config
 from megatron_dpo.models.architecture import ModelArchitecture
 from megatron_dpo.models.build import build_model
-from megatron_dpo.models.kernels import KernelPlan, detect_env, fusion_settings, resolve_kernels
+from megatron_dpo.models.kernels import (KernelPlan, detect_env, fusion_settings, resolve_kernels,
+                                         sequence_parallel_problem)
 from megatron_dpo.parallel.dims import ParallelDims
 from megatron_dpo.parallel.init import init_distributed, init_parallel
 from megatron_dpo.train import reference as reference_logps
@@ -116,8 +117,12 @@ def _load_data(cfg: Config, tokenizer, paths: Dict[str, str]) -> Dict[str, Token
 
 def kernel_plan(cfg: Config) -> KernelPlan:
     """The layer spec, fusions and attention this machine runs (models/kernels.py)."""
+    env = detect_env()
+    problem = sequence_parallel_problem(cfg.policy.megatron_cfg.sequence_parallel, env)
+    if problem is not None:
+        raise ConfigError(problem)
     try:
-        return resolve_kernels(fusion_settings(cfg.policy.megatron_cfg), detect_env())
+        return resolve_kernels(fusion_settings(cfg.policy.megatron_cfg), env)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

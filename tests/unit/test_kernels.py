@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from megatron_dpo.config import load_config
-from megatron_dpo.models.kernels import FUSIONS, KernelEnv, resolve_fusions, resolve_kernels
+from megatron_dpo.models.kernels import FUSIONS, KernelEnv, resolve_fusions, resolve_kernels, sequence_parallel_problem
 
 ALL_AUTO = dict.fromkeys(FUSIONS, "auto")
 
@@ -69,3 +69,24 @@ def test_build_passes_the_fusions_to_megatron():
     dims = ParallelDims(world_size=1, tp_size=1, pp_size=1, dp_size=1)
     config = transformer_config(PRESETS["tiny-llama"], dims, "float32", fusions=fusions)
     assert not any(getattr(config, name) for name in FUSIONS)
+
+
+@pytest.mark.parametrize("te,cuda,refused", [(False, True, True), (True, True, False), (False, False, False),
+                                             (True, False, False)])
+def test_sequence_parallel_needs_te_on_a_gpu(te, cuda, refused):
+    problem = sequence_parallel_problem(True, KernelEnv(te=te, cuda=cuda, wgrad_kernel=False))
+    assert (problem is not None) is refused
+    if refused:
+        assert "sequence_parallel=false" in problem and "[gpu]" in problem
+    assert sequence_parallel_problem(False, KernelEnv(te=te, cuda=cuda, wgrad_kernel=False)) is None
+
+
+def test_gpu_extra_pins_the_transformer_engine_range_of_megatron_core():
+    import importlib.metadata
+    import os
+    import re
+
+    declared = next(req for req in importlib.metadata.requires("megatron-core") if req.startswith("transformer-engine"))
+    assert ">=2.9.0a0" in declared and "<2.12.0" in declared, declared
+    setup_py = open(os.path.join(os.path.dirname(__file__), "..", "..", "setup.py")).read()
+    assert re.search(r'"gpu": \["transformer-engine\[pytorch\]>=2\.9,<2\.12"\]', setup_py)
