@@ -174,7 +174,7 @@ def _print_plan(cfg, world_size: int, gpu_memory_gib: float) -> None:
     for what, size in estimate.rows:
         print(f"  {what:<58} {size / GIB:8.2f}")
     total_gib = estimate.total_bytes / GIB
-    print(f"  {'total (without CUDA context and communication buffers)':<58} {total_gib:8.2f}")
+    print(f"  {'total (without allocator fragmentation)':<58} {total_gib:8.2f}")
     if total_gib > gpu_memory_gib:
         raise ConfigError(
             f"Estimated memory per GPU ({total_gib:.1f} GiB) exceeds --gpu-memory-gib {gpu_memory_gib:g}. "
