@@ -109,7 +109,8 @@ class Trainer:
         state = checkpoint_state(run.dims, self.state, self.sampler, self.fingerprints, json_safe(self.step_metrics))
         try:
             path = save_checkpoint(self.run_dir, self.step, run.policy, run.optimizer, run.scheduler, state,
-                                   run.dims.rank, ModelFiles(run.cfg, run.arch, run.tokenizer))
+                                   run.dims.rank, ModelFiles(run.cfg, run.arch, run.tokenizer),
+                                   self.cfg.checkpointing.optimizer_format)
         except CheckpointSaveError as error:
             newest = "no complete checkpoint yet" if self.last_saved_step is None else (
                 f"the newest complete checkpoint is step_{self.last_saved_step}")
