@@ -144,6 +144,7 @@ def _print_plan(cfg, world_size: int, gpu_memory_gib: float) -> None:
     from megatron_dpo.checkpoint.source import resolve_architecture
     from megatron_dpo.config.validate import resolve_val_num_microbatches
     from megatron_dpo.data import split_paths
+    from megatron_dpo.models.kernels import detect_env, sequence_parallel_problem
     from megatron_dpo.models.memory import GIB, estimate_memory, stage_parameters
     from megatron_dpo.parallel.dims import ParallelDims
 
@@ -155,6 +156,9 @@ def _print_plan(cfg, world_size: int, gpu_memory_gib: float) -> None:
     layout = ParallelDims.resolve(policy, world_size, arch.num_layers, arch.num_attention_heads,
                                   arch.num_query_groups)
     megatron_cfg = policy.megatron_cfg
+    problem = sequence_parallel_problem(megatron_cfg.sequence_parallel, detect_env())
+    if problem is not None:
+        raise ConfigError(problem)
     print(f"layout: world {world_size} = TP {layout.tp_size} x PP {layout.pp_size} x DP {layout.dp_size}"
           f" (virtual pipeline {layout.vpp_size}, sequence parallel {megatron_cfg.sequence_parallel})")
     print(f"train batch: {policy.train_global_batch_size} pairs = {policy.train_micro_batch_size} per micro-batch x "
@@ -170,7 +174,7 @@ def _print_plan(cfg, world_size: int, gpu_memory_gib: float) -> None:
     for what, size in estimate.rows:
         print(f"  {what:<58} {size / GIB:8.2f}")
     total_gib = estimate.total_bytes / GIB
-    print(f"  {'total (without CUDA context and communication buffers)':<58} {total_gib:8.2f}")
+    print(f"  {'total (without allocator fragmentation)':<58} {total_gib:8.2f}")
     if total_gib > gpu_memory_gib:
         raise ConfigError(
             f"Estimated memory per GPU ({total_gib:.1f} GiB) exceeds --gpu-memory-gib {gpu_memory_gib:g}. "

@@ -11,8 +11,10 @@ import torch
 
 from megatron_dpo.models.lora import has_adapters
 
-# dp_reshardable cannot change TP; no metadata fails to save (DESIGN.md).
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# checkpointing.optimizer_format: megatron's distrib_optim_sharding_type, saved
+# in the checkpoint's content metadata (no metadata fails to save, DESIGN.md).
+SHARDING_KEY = "distrib_optim_sharding_type"
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 
 
 def _unwrap_ddp(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -45,39 +47,77 @@ def _load_into(chunk: torch.nn.Module, state: dict) -> None:
     assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
 
 
-def save_policy(chunks: List[torch.nn.Module], optimizer, directory: str) -> None:
-    """Collective: every rank writes its shards of model and optimizer state."""
+def finish_param_sync(chunks: List[torch.nn.Module]) -> None:
+    """Collective. With ``overlap_param_gather`` the optimizer step leaves the
+    other DP ranks' parameter shards to the next forward's pre-hooks: gather
+    them now (as megatron's training loop does before a save)."""
+    for chunk in chunks:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.disable_forward_pre_hook(param_sync=True)
+            chunk.enable_forward_pre_hook()
+
+
+def _data_parallel_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def save_policy(chunks: List[torch.nn.Module], optimizer, directory: str,
+                optimizer_format: str = "dp_reshardable") -> None:
+    """Collective: every rank writes its shards of model and optimizer state.
+    Not yet wrapped in megatron's FullyParallelSaveStrategyWrapper: with it, on
+    a full disk (tests/e2e/test_integrity.py) one rank was still running when
+    torchrun stopped the other; not yet investigated (that test fails on this
+    machine without the wrapper too: torchrun exits 1, not 4)."""
     from megatron.core import dist_checkpointing
 
+    finish_param_sync(chunks)
+    metadata = {SHARDING_KEY: optimizer_format}
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
-    dist_checkpointing.save(state, directory, content_metadata=OPTIMIZER_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
+    dist_checkpointing.save(state, directory, content_metadata=metadata)
+
+
+def saved_optimizer_format(directory: str) -> str:
+    """The optimizer format a policy directory was written in (checkpoints
+    from before checkpointing.optimizer_format are fully_reshardable)."""
+    from megatron.core import dist_checkpointing
+
+    return (dist_checkpointing.load_content_metadata(directory) or {}).get(SHARDING_KEY, "fully_reshardable")
+
+
+def _load(request: dict, directory: str) -> dict:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(directory), _data_parallel_group())
+    return dist_checkpointing.load(request, directory, sharded_strategy=strategy)
 
 
 def load_model_weights(chunks: List[torch.nn.Module], directory: str) -> None:
     """Collective: load policy weights (no optimizer state) into this layout."""
-    from megatron.core import dist_checkpointing
-
     request = model_sharded_state_dict(chunks)
-    loaded = dist_checkpointing.load(request, directory)
+    loaded = _load(request, directory)
     for key, chunk in zip(request, chunks):
         _load_into(chunk, loaded[key])
 
 
 def load_policy(chunks: List[torch.nn.Module], optimizer, directory: str) -> None:
     """Collective: load policy weights and optimizer state into this layout
-    (any TP/PP/DP; the optimizer state was saved fully reshardable)."""
-    from megatron.core import dist_checkpointing
-
+    (any TP/PP/DP for fully_reshardable optimizer state; the saved TP/PP/VPP
+    for dp_reshardable, which train/resume.py checks first)."""
+    metadata = {SHARDING_KEY: saved_optimizer_format(directory)}
     (inner,) = optimizer.chained_optimizers  # a dense GPT model gets one megatron optimizer
     torch_adam = _distributed_torch_adam(inner)
     if torch_adam is not None:
         _init_adam_state(torch_adam)
     model_state = model_sharded_state_dict(chunks)
     request = dict(model_state)
-    request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)
-    loaded = dist_checkpointing.load(request, directory)
+    request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=metadata)
+    loaded = _load(request, directory)
     for key, chunk in zip(model_state, chunks):
         _load_into(chunk, loaded[key])
     if torch_adam is None:
@@ -90,7 +130,8 @@ def load_policy(chunks: List[torch.nn.Module], optimizer, directory: str) -> Non
 # FusedAdam) cannot load its own checkpoint: (1) state_dict() asserts one
 # common per-param "step" (`assert len(steps) == 1`), which a fresh optimizer
 # without state lacks; (2) load_state_dict() puts "step" into every param's
-# state, then load_parameter_state_from_fully_reshardable() copies each state
+# state, then load_parameter_state_from_fully_reshardable() (or, for
+# dp_reshardable, _set_main_param_and_optimizer_states()) copies each state
 # key from the checkpoint, which has no per-param "step" (KeyError); (3) every
 # param gets the *same* step tensor, so each Adam step advances it once per
 # param and the bias correction goes wrong (resumed loss off by 4e-3 to 7e-2;
@@ -116,9 +157,14 @@ def _init_adam_state(adam: torch.optim.Optimizer) -> None:
 
 def _load_distributed_adam_state(inner, adam: torch.optim.Optimizer, state: dict) -> None:
     param_state = state.pop("param_state")
-    assert state.pop("param_state_sharding_type") == OPTIMIZER_METADATA["distrib_optim_sharding_type"]
+    sharding_type = state.pop("param_state_sharding_type")
+    assert sharding_type in OPTIMIZER_FORMATS, sharding_type
     inner.load_state_dict(state)  # param groups, and the step of every param
     steps = {param: param_state_dict.pop("step") for param, param_state_dict in adam.state.items()}
-    inner.load_parameter_state_from_fully_reshardable(param_state)
+    if sharding_type == "fully_reshardable":
+        inner.load_parameter_state_from_fully_reshardable(param_state)
+    else:
+        with torch.no_grad():  # it copies into fp32 params that require grad
+            inner.load_parameter_state_from_dp_reshardable(param_state)
     for param, step in steps.items():
         adam.state[param]["step"] = step.clone()

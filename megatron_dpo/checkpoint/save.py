@@ -80,7 +80,8 @@ def remove_incomplete(checkpoint_dir: str) -> List[str]:
 
 
 def save_checkpoint(checkpoint_dir: str, step: int, chunks: List[torch.nn.Module], optimizer, scheduler,
-                    train_state: dict, rank: int, model_files: ModelFiles) -> str:
+                    train_state: dict, rank: int, model_files: ModelFiles,
+                    optimizer_format: str = "dp_reshardable") -> str:
     """Collective. Writes ``step_N/`` with the policy chunks, the optimizer and
     scheduler state, ``train_state`` and ``model_files``; returns its path.
     A write that fails on any rank (a full disk, a quota) raises
@@ -88,7 +89,7 @@ def save_checkpoint(checkpoint_dir: str, step: int, chunks: List[torch.nn.Module
     final, tmp = step_dir(checkpoint_dir, step), tmp_step_dir(checkpoint_dir, step)
     problem = _on_every_rank(lambda: _prepare_tmp(tmp) if rank == 0 else None)
     if problem is None:
-        problem = _on_every_rank(lambda: _write_shards(tmp, rank, chunks, optimizer))
+        problem = _on_every_rank(lambda: _write_shards(tmp, rank, chunks, optimizer, optimizer_format))
     if problem is None:
         entries = [None] * dist.get_world_size()
         dist.all_gather_object(entries, file_entries(tmp, rank_files(tmp, rank)))
@@ -139,8 +140,8 @@ def _prepare_tmp(tmp: str) -> None:
     os.makedirs(policy_dir(tmp))
 
 
-def _write_shards(tmp: str, rank: int, chunks: List[torch.nn.Module], optimizer) -> None:
-    save_policy(chunks, optimizer, policy_dir(tmp))
+def _write_shards(tmp: str, rank: int, chunks: List[torch.nn.Module], optimizer, optimizer_format: str) -> None:
+    save_policy(chunks, optimizer, policy_dir(tmp), optimizer_format)
     save_rng(tmp, rank)
 
 

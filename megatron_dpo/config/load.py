@@ -230,6 +230,11 @@ def _get(cfg: Config, key: str) -> Any:
 def _check_choices(cfg: Config) -> None:
     for key, choices in CHOICES.items():
         value = _get(cfg, key)
+        if choices[-2:] == ("true", "false") and value in ("True", "False"):
+            # YAML true/false in a string key (auto | true | false) arrives as "True"/"False".
+            value = value.lower()
+            parent, _, leaf = key.rpartition(".")
+            setattr(_get(cfg, parent), leaf, value)
         if value not in choices:
             raise ConfigError(
                 f"Invalid value for '{key}': {value!r}. Choose one of: {', '.join(choices)}."

@@ -42,12 +42,32 @@ class SchedulerConfig:
 
 
 @dataclass
+class DistributedDataParallelConfig:
+    # Reduce gradients bucket by bucket while the backward pass still runs
+    # (megatron-core's DDP with its default buckets).
+    overlap_grad_reduce: bool = False
+    # With the distributed optimizer: all-gather updated parameters bucket by
+    # bucket during the next forward pass.
+    overlap_param_gather: bool = False
+
+
+@dataclass
 class MegatronConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
     activation_checkpointing: bool = False
+    # Fused kernels, each auto | true | false. auto: on with Transformer Engine
+    # and CUDA (gradient_accumulation_fusion also needs apex's fused wgrad
+    # kernel), off otherwise; models/kernels.py resolves them.
+    apply_rope_fusion: str = "auto"
+    bias_activation_fusion: str = "auto"
+    gradient_accumulation_fusion: str = "auto"
+    bias_dropout_fusion: str = "auto"
+    masked_softmax_fusion: str = "auto"
+    distributed_data_parallel_config: DistributedDataParallelConfig = field(
+        default_factory=DistributedDataParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -199,6 +219,12 @@ class CheckpointingConfig:
     # adapters as a PEFT adapter directory here (export_hf_dir then holds
     # the merged model). None: no adapter export.
     export_adapter_dir: Optional[str] = None
+    # How the distributed optimizer's state is saved. dp_reshardable: each DP
+    # rank writes its own shard (megatron's fully-parallel save/load); resume
+    # needs the same TP/PP/VPP. fully_reshardable: resumable at any layout, but
+    # the save all-gathers each TP/PP shard's optimizer state to every DP rank
+    # (~24 GB per rank for 8B at TP4).
+    optimizer_format: str = "dp_reshardable"
 
 
 @dataclass
@@ -262,7 +288,11 @@ def lora_hf_targets(target_modules: List[str]) -> List[str]:
 
 
 # Choices of string-valued keys, checked at load.
+_SWITCH = ("auto", "true", "false")
 CHOICES: Dict[str, tuple] = {
+    **{f"policy.megatron_cfg.{name}": _SWITCH for name in (
+        "apply_rope_fusion", "bias_activation_fusion", "gradient_accumulation_fusion",
+        "bias_dropout_fusion", "masked_softmax_fusion")},
     "policy.precision": ("float32", "bfloat16"),
     "policy.megatron_cfg.optimizer.optimizer": ("adam",),
     "policy.megatron_cfg.scheduler.lr_decay_style": (
@@ -274,4 +304,5 @@ CHOICES: Dict[str, tuple] = {
     "data.truncation_mode": ("keep_end", "keep_start"),
     "reference.mode": ("online", "cached", "none"),
     "checkpointing.verify": ("size", "full"),
+    "checkpointing.optimizer_format": ("dp_reshardable", "fully_reshardable"),
 }

@@ -35,6 +35,7 @@ def check_layout(
     _check_world_size(world_size, tp, pp)
     _check_tensor_parallel(tp, num_attention_heads, num_query_groups, megatron_cfg.sequence_parallel)
     _check_pipeline_parallel(pp, vpp, num_layers)
+    _check_overlap(megatron_cfg)
     dp = world_size // (tp * pp)
     num_microbatches = _num_microbatches(
         "policy.train_global_batch_size", policy_cfg.train_global_batch_size,
@@ -87,6 +88,16 @@ def _check_tensor_parallel(tp: int, num_heads: int, num_query_groups: int, seque
         raise ConfigError(
             f"Invalid parallel layout: sequence_parallel=true needs tensor_model_parallel_size > 1 "
             f"(got 1). Set {_SP_KEY}=false, or raise {_TP_KEY}."
+        )
+
+
+def _check_overlap(megatron_cfg) -> None:
+    if megatron_cfg.distributed_data_parallel_config.overlap_param_gather and \
+            not megatron_cfg.optimizer.use_distributed_optimizer:
+        raise ConfigError(
+            "policy.megatron_cfg.distributed_data_parallel_config.overlap_param_gather=true needs the "
+            "distributed optimizer (there are no parameter shards to gather without it). Set "
+            "policy.megatron_cfg.optimizer.use_distributed_optimizer=true, or overlap_param_gather=false."
         )
 
 

@@ -11,7 +11,8 @@
 - ``SegmentedSeqParams``: the packed row's segments, passed through megatron as
   ``packed_seq_params``. Its ``qkv_format`` is "sbhd": megatron then treats the
   row like any [s, b=1] batch and hands the params on to core attention.
-- ``PositionedGPTModel``: GPTModel whose RoPE follows ``position_ids`` for
+- ``PositionedGPTModel``: GPTModel whose logits come without a transposed
+  copy (``compute_language_model_loss``), and whose RoPE follows ``position_ids`` for
   segmented rows. megatron-core 0.16.1 rotates position i of a row by angle i
   (``GPTModel._preprocess`` ignores position_ids for RoPE); a packed row needs
   positions restarting per segment, and prefix sharing needs the rejected
@@ -180,3 +181,11 @@ class PositionedGPTModel(GPTModel):
             freqs = self.rotary_pos_emb(position_ids.shape[1])  # [T, 1, 1, d] for positions 0..T-1
             rotary_pos_emb = freqs[position_ids.t()].squeeze(2)  # [T, b, 1, d]
         return (decoder_input, rotary_pos_emb, *rest)
+
+    def compute_language_model_loss(self, labels, logits_SBV):
+        """GPTModel's last stage calls this when given labels; ours returns the
+        logits as a [b, s, v] view of megatron's [s, b, v] output, not a loss.
+        Without labels megatron returns a transposed contiguous copy instead: a
+        second logits-sized tensor at the peak of the step (parallel/logprobs.py
+        reads either layout)."""
+        return logits_SBV.transpose(0, 1)

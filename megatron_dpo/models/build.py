@@ -5,12 +5,12 @@ is applied outside, in ``train/``. The policy and the reference are built by
 the same function so that they share one parallel layout.
 """
 
-import importlib.util
-from typing import List
+from typing import List, Optional
 
 import torch
 
 from megatron_dpo.models.architecture import ModelArchitecture
+from megatron_dpo.models.kernels import KernelPlan, detect_env, resolve_kernels
 from megatron_dpo.parallel.dims import ParallelDims
 from megatron_dpo.parallel.init import get_device
 
@@ -19,7 +19,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def transformer_engine_available() -> bool:
     """Use TE's fused kernels only where they can run: TE importable and CUDA present."""
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+    return resolve_kernels({}, detect_env()).use_te
 
 
 def layer_spec(arch: ModelArchitecture, use_te: bool, prefix_sharing: bool = False):
@@ -44,9 +44,14 @@ def transformer_config(
     precision: str,
     sequence_parallel: bool = False,
     activation_checkpointing: bool = False,
+    fusions: Optional[dict] = None,
 ):
+    """``fusions``: KernelPlan.fusions (models/kernels.py); None: all off."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from megatron_dpo.models.kernels import FUSIONS
+
+    fusions = fusions or dict.fromkeys(FUSIONS, False)
     dtype = _DTYPES[precision]
     return TransformerConfig(
         num_layers=arch.num_layers,
@@ -61,11 +66,8 @@ def transformer_config(
         layernorm_epsilon=arch.norm_epsilon,
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        **fusions,
         # DPO compares policy and reference on the same inputs: no dropout, as in TRL.
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -101,20 +103,24 @@ def build_model(
     activation_checkpointing: bool = False,
     trainable: bool = True,
     prefix_sharing: bool = False,
+    kernels: Optional[KernelPlan] = None,
 ) -> List[torch.nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage), on the run device.
 
     bf16 models are wrapped in megatron's Float16Module, which casts inputs and
     keeps the last stage's logits in fp32. ``prefix_sharing``: the model will
-    see prefix-shared packed batches (data.prefix_sharing).
+    see prefix-shared packed batches (data.prefix_sharing). ``kernels``: the
+    run's resolved plan (models/kernels.py); None: every setting ``auto``.
     """
     from megatron.core import parallel_state
     from megatron.core.transformer.module import Float16Module
 
     from megatron_dpo.models.attention import PositionedGPTModel
 
-    config = transformer_config(arch, ctx, precision, sequence_parallel, activation_checkpointing)
-    spec = layer_spec(arch, transformer_engine_available(), prefix_sharing)
+    kernels = kernels or resolve_kernels({}, detect_env())
+    config = transformer_config(arch, ctx, precision, sequence_parallel, activation_checkpointing,
+                                kernels.fusions)
+    spec = layer_spec(arch, kernels.use_te, prefix_sharing)
     num_chunks = ctx.vpp_size or 1
     chunks = []
     for vp_stage in range(num_chunks):

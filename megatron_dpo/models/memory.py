@@ -11,12 +11,28 @@ in Large Transformer Models", Sec. 4) with fused (flash) attention, per layer
 and micro-batch in 16-bit units of s*b*h: 34/t with sequence parallelism,
 10 + 24/t without; 2 (/t with SP) per layer when activations are
 checkpointed, plus one layer recomputed. Stage p of the 1F1B pipeline holds
-min(PP - p, micro-batches) micro-batches in flight. A micro-batch of m pairs
-is b = 2m sequences of up to s = policy.max_total_sequence_length tokens.
+min(PP - p, micro-batches) micro-batches of its L/PP layers in flight; with
+the interleaved schedule (VPP chunks of L/(PP x VPP) layers) it holds
+megatron's warm-up count plus one, 2(PP - p - 1) + (VPP - 1) PP + 1, capped at
+micro-batches x VPP, chunk-micro-batches. A micro-batch of m pairs is b = 2m
+sequences of up to s = policy.max_total_sequence_length tokens.
+Where a fusion is set to false (auto and true count as on: a GPU run with the
+gpu extra), its unfused kernel's extra saved tensors are added per layer in
+flight: SwiGLU's FFN-sized input pair (bias_activation_fusion), RoPE's
+rotated q and k copies (apply_rope_fusion); gradient_accumulation_fusion off
+adds one 16-bit weight gradient of the largest linear (the output layer) as a
+transient. CUDA context, cuBLAS workspaces and NCCL buffers are one fixed row
+(``RUNTIME_BYTES`` plus ``NCCL_BYTES_PER_GROUP`` for each of TP, PP, DP
+larger than 1). Not counted: allocator fragmentation.
 LoRA runs (policy.lora_cfg.enabled): the base weights once, frozen (no
 grads, no optimizer state, no reference copy); grads and Adam state for the
 adapters only (models/lora.py's shapes).
-Not counted: CUDA context, communication buffers, allocator fragmentation.
+
+Checked against a CPU run (issue 15; scripts/benchmark.py, fp32, hidden 512,
+8 layers, vocab 32000, 2 pairs x 512 tokens per micro-batch, unfused): the
+estimate without the CUDA row is 2189 MB, the measured peak RSS over the
+post-import baseline 2771 MB: estimate / measured = 0.79 (CPU's SDPA math
+kernel saves more than flash attention; glibc keeps freed heap).
 """
 
 import math
@@ -31,6 +47,10 @@ from megatron_dpo.parallel.dims import ParallelDims
 GIB = 2**30
 _WEIGHT_BYTES = {"float32": 4, "bfloat16": 2}
 _VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+# CUDA context (~500 MiB on H100 with torch's kernels loaded) + cuBLAS / TE workspaces.
+RUNTIME_BYTES = 0.75 * GIB
+# NCCL's buffers per communicator (NCCL_BUFFSIZE 4 MiB x up to 32 channels x send/recv, rounded up).
+NCCL_BYTES_PER_GROUP = 0.25 * GIB
 
 
 @dataclass(frozen=True)
@@ -76,23 +96,58 @@ def lora_stage_parameters(arch: ModelArchitecture, lora_cfg: LoraConfig, tp_size
     return [per_layer * arch.num_layers // pp_size] * pp_size
 
 
+def layers_in_flight(num_layers: int, layout: ParallelDims, stage: int) -> int:
+    """Layer-micro-batches whose activations stage ``stage`` holds at its peak."""
+    pp, vpp = layout.pp_size, layout.vpp_size
+    if vpp is None:
+        return min(pp - stage, layout.num_microbatches) * (num_layers // pp)
+    chunk_microbatches = min(2 * (pp - stage - 1) + (vpp - 1) * pp + 1, layout.num_microbatches * vpp)
+    return chunk_microbatches * (num_layers // (pp * vpp))
+
+
+def _unfused_bytes_per_layer(arch: ModelArchitecture, cfg: Config, layout: ParallelDims) -> float:
+    megatron_cfg = cfg.policy.megatron_cfg
+    tokens = cfg.policy.max_total_sequence_length * 2 * cfg.policy.train_micro_batch_size
+    elements = 0
+    if megatron_cfg.bias_activation_fusion == "false":
+        elements += tokens * arch.ffn_hidden_size
+    if megatron_cfg.apply_rope_fusion == "false":
+        head_dim = arch.kv_channels or arch.hidden_size // arch.num_attention_heads
+        elements += tokens * (arch.num_attention_heads + arch.num_query_groups) * head_dim
+    return elements / layout.tp_size * _WEIGHT_BYTES[cfg.policy.precision]
+
+
 def _activation_bytes(arch: ModelArchitecture, cfg: Config, layout: ParallelDims, stage: int) -> float:
     megatron_cfg = cfg.policy.megatron_cfg
     tp = layout.tp_size
     sbh = cfg.policy.max_total_sequence_length * 2 * cfg.policy.train_micro_batch_size * arch.hidden_size
     unit = sbh * _WEIGHT_BYTES[cfg.policy.precision] / 2
     full_layer = unit * (34 / tp if megatron_cfg.sequence_parallel else 10 + 24 / tp)
-    in_flight = min(layout.pp_size - stage, layout.num_microbatches) * (arch.num_layers // layout.pp_size)
+    full_layer += _unfused_bytes_per_layer(arch, cfg, layout)
+    in_flight = layers_in_flight(arch.num_layers, layout, stage)
     if megatron_cfg.activation_checkpointing:
         return in_flight * unit * 2 / (tp if megatron_cfg.sequence_parallel else 1) + full_layer
     return in_flight * full_layer
 
 
+def _runtime_bytes(cfg: Config, layout: ParallelDims, is_last: bool, arch: ModelArchitecture) -> float:
+    groups = sum(size > 1 for size in (layout.tp_size, layout.pp_size, layout.dp_size))
+    wgrad = 0
+    if cfg.policy.megatron_cfg.gradient_accumulation_fusion == "false" and is_last:
+        wgrad = arch.padded_vocab_size(layout.tp_size) * arch.hidden_size // layout.tp_size * 2
+    return RUNTIME_BYTES + groups * NCCL_BYTES_PER_GROUP + wgrad
+
+
 def _logits_bytes(arch: ModelArchitecture, cfg: Config, layout: ParallelDims) -> float:
-    # Output logits, then fp32 copies for the vocab-parallel log-softmax and its saved softmax.
+    """The last stage's logits (parallel/logprobs.py): fp32 (Float16Module
+    casts them up), their gradient written into the same storage, and in bf16
+    the 16-bit logits / their gradient beside it; plus one chunk of work space."""
+    from megatron_dpo.parallel.logprobs import CHUNK_BYTES
+
     elements = (cfg.policy.max_total_sequence_length * 2 * cfg.policy.train_micro_batch_size
                 * arch.padded_vocab_size(layout.tp_size) // layout.tp_size)
-    return elements * (_WEIGHT_BYTES[cfg.policy.precision] + 3 * 4)
+    sixteen_bit = 2 if cfg.policy.precision == "bfloat16" else 0
+    return elements * (4 + sixteen_bit) + 2 * CHUNK_BYTES
 
 
 def _stage_rows(arch: ModelArchitecture, cfg: Config, layout: ParallelDims, stage: int, params: int):
@@ -124,6 +179,7 @@ def _stage_rows(arch: ModelArchitecture, cfg: Config, layout: ParallelDims, stag
         (f"reference weights (reference.mode={cfg.reference.mode})", reference),
         ("activations (rough)", _activation_bytes(arch, cfg, layout, stage)),
         ("logits + log-softmax", _logits_bytes(arch, cfg, layout) if is_last else 0),
+        ("CUDA context, workspaces, NCCL buffers (+ unfused wgrad)", _runtime_bytes(cfg, layout, is_last, arch)),
     ]
 
 

@@ -31,7 +31,7 @@ from megatron_dpo.logging import MetricsLogger, Progress, format_val_line, print
 from megatron_dpo.logging.files import json_safe
 from megatron_dpo.train.errors import NonFiniteError
 from megatron_dpo.train.resume import TrainState, checkpoint_state, lora_base, restore
-from megatron_dpo.train.setup import Run, setup_run
+from megatron_dpo.train.setup import Run, kernel_plan, setup_run
 from megatron_dpo.train.signals import StopRequests
 from megatron_dpo.train.step import train_step
 from megatron_dpo.train.validation import validate
@@ -109,9 +109,13 @@ class Trainer:
         run = self.run
         state = checkpoint_state(run.dims, self.state, self.sampler, self.fingerprints, json_safe(self.step_metrics))
         state["lora_base"] = lora_base(run)
+        # Only the distributed optimizer's state depends on the format; the
+        # plain optimizer's is sharded like the model and reshards anyway.
+        distributed = self.cfg.policy.megatron_cfg.optimizer.use_distributed_optimizer
+        optimizer_format = self.cfg.checkpointing.optimizer_format if distributed else "fully_reshardable"
         try:
             path = save_checkpoint(self.run_dir, self.step, run.policy, run.optimizer, run.scheduler, state,
-                                   run.dims.rank, ModelFiles(run.cfg, run.arch, run.tokenizer))
+                                   run.dims.rank, ModelFiles(run.cfg, run.arch, run.tokenizer), optimizer_format)
         except CheckpointSaveError as error:
             newest = "no complete checkpoint yet" if self.last_saved_step is None else (
                 f"the newest complete checkpoint is step_{self.last_saved_step}")
@@ -220,6 +224,7 @@ class Trainer:
             f"megatron_dpo: {run.dims.describe()}; {len(train.pairs)} train pairs, {run.total_steps} steps "
             f"of {self.cfg.policy.train_global_batch_size} pairs"
         )
+        self._write(f"kernels: {kernel_plan(self.cfg).describe()}")
         for name, data in {"train": train, **run.val_data}.items():
             if data.num_dropped or data.num_truncated:
                 self._write(

@@ -3,8 +3,22 @@
 As in megatron-core's ``examples/run_simple_mcore_train_loop.py``: DDP over
 each model chunk, ``get_megatron_optimizer``, ``OptimizerParamScheduler``
 (without it megatron ignores no-weight-decay on biases and norms), and the
-hooks the pipeline schedule calls (no_sync, finalize_model_grads,
-grad_scale).
+hooks the pipeline schedule calls (no_sync, grad_sync, param_sync,
+finalize_model_grads, grad_scale), set as megatron's own training loop
+(megatron/training/training.py) sets them.
+
+Overlap (``policy.megatron_cfg.distributed_data_parallel_config``):
+- ``overlap_grad_reduce``: megatron's default buckets (max(40M, 1M x DP)
+  elements); each bucket's all-reduce / reduce-scatter starts as soon as its
+  grads are ready in the last micro-batch's backward. Off: one bucket, reduced
+  in ``finalize_model_grads``.
+- ``overlap_param_gather`` (distributed optimizer only): the optimizer step
+  leaves other DP ranks' parameter shards stale; DDP's forward pre-hooks
+  all-gather them bucket by bucket in the next forward (prefetching the next
+  bucket), or, with the interleaved pipeline, the schedule's
+  ``param_sync_func`` starts each chunk's gather (``align_param_gather``).
+  Anything that reads parameters outside a forward pass (checkpoint save)
+  first calls ``finish_param_sync``.
 """
 
 from typing import List
@@ -14,12 +28,19 @@ import torch
 from megatron_dpo.config.schema import MegatronConfig
 
 
-def wrap_ddp(chunks: List[torch.nn.Module], use_distributed_optimizer: bool) -> List[torch.nn.Module]:
+def wrap_ddp(chunks: List[torch.nn.Module], megatron_cfg: MegatronConfig) -> List[torch.nn.Module]:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    overlap = megatron_cfg.distributed_data_parallel_config
+    use_distributed_optimizer = megatron_cfg.optimizer.use_distributed_optimizer
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap.overlap_grad_reduce,
+        # Only meaningful with the distributed optimizer (config/validate.py refuses it without).
+        overlap_param_gather=overlap.overlap_param_gather and use_distributed_optimizer,
+        # Only the interleaved schedule calls param_sync_func; elsewhere the
+        # pre-hooks prefetch the next bucket.
+        align_param_gather=megatron_cfg.virtual_pipeline_model_parallel_size is not None,
         use_distributed_optimizer=use_distributed_optimizer,
     )
     return [
@@ -79,8 +100,15 @@ def install_schedule_hooks(ddp_chunks, optimizer) -> None:
     """The callbacks megatron-core's schedule reads from the model config."""
     from megatron.core.distributed import finalize_model_grads
 
+    def per_chunk(funcs):
+        return funcs[0] if len(funcs) == 1 else funcs
+
     config = ddp_chunks[0].config
-    no_sync = [chunk.no_sync for chunk in ddp_chunks]
-    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    ddp_config = ddp_chunks[0].ddp_config
+    config.no_sync_func = per_chunk([chunk.no_sync for chunk in ddp_chunks])
+    if ddp_config.overlap_grad_reduce:
+        config.grad_sync_func = per_chunk([chunk.start_grad_sync for chunk in ddp_chunks])
+    if ddp_config.overlap_param_gather and ddp_config.align_param_gather:
+        config.param_sync_func = per_chunk([chunk.start_param_sync for chunk in ddp_chunks])
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss

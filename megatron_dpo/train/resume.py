@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_dpo.checkpoint.dist import load_policy
+from megatron_dpo.checkpoint.dist import load_policy, saved_optimizer_format
 from megatron_dpo.checkpoint.files import CONFIG_FILE, STEP_DIR, policy_dir
 from megatron_dpo.checkpoint.load import check_compatible, quarantine, resume_candidates, verify_step
 from megatron_dpo.checkpoint.lock import RunLock, acquire_run_lock, check_run_dir, mark_run_dir
@@ -210,6 +210,21 @@ def _nonfinite_weight(chunks) -> Optional[str]:
     return None
 
 
+def check_optimizer_layout(directory: str, optimizer_format: str, saved_layout: dict, layout: dict) -> None:
+    """dp_reshardable optimizer state follows the saved TP/PP/VPP (its DP
+    shards are the gradient buffer's buckets): refuse another model-parallel
+    layout before loading anything."""
+    keys = ("tp", "pp", "vpp")
+    if optimizer_format == "dp_reshardable" and any(saved_layout.get(k) != layout.get(k) for k in keys):
+        raise ConfigError(
+            f"cannot resume from {directory} at another model-parallel layout: its optimizer state was saved "
+            f"with checkpointing.optimizer_format=dp_reshardable at "
+            f"{', '.join(f'{k}={saved_layout.get(k)}' for k in keys)}, this run has "
+            f"{', '.join(f'{k}={layout.get(k)}' for k in keys)}. Resume at the saved layout with "
+            "checkpointing.optimizer_format=fully_reshardable: its next checkpoint resumes at any layout."
+        )
+
+
 def _load_weights(run, directory: str) -> Optional[str]:
     """Collective: load policy and optimizer state; None, or why the checkpoint
     cannot be used (the same verdict on every rank)."""
@@ -241,6 +256,8 @@ def restore(run, sampler, fingerprints: Dict[str, str]) -> Tuple[TrainState, Opt
         check_compatible(directory, saved, run.arch.to_dict(), fingerprints,
                          run.cfg.checkpointing.allow_config_change, run.cfg.policy.precision)
         _check_lora_base(run, directory, saved)
+        check_optimizer_layout(directory, saved_optimizer_format(policy_dir(directory)), saved["layout"],
+                               run.dims.sizes())
         problem = _load_weights(run, directory)
         if problem is None:
             return _restore_position(run, directory, saved, sampler, fingerprints), directory

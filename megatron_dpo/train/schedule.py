@@ -65,17 +65,22 @@ class PolicyPassResult:
 
 
 def _forward_logits(batch: Dict[str, torch.Tensor], model: torch.nn.Module) -> torch.Tensor:
+    """[b, s, v_local] logits on the last stage: a view of megatron's [s, b, v]
+    output (labels select PositionedGPTModel's no-copy path, models/attention.py)."""
     if "cu_seqlens" not in batch:
         # Right padding + the causal mask: pad positions never influence real tokens.
-        return model(batch["tokens"], batch["position_ids"], attention_mask=None)
+        return model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
     # A packed row: attention stays within each segment (data/packing.py).
     params = packed_seq_params(batch, te_attention=transformer_engine_available())
-    return model(batch["tokens"], batch["position_ids"], attention_mask=None, packed_seq_params=params)
+    return model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"],
+                 packed_seq_params=params)
 
 
 def _batch_logprobs(batch, logits_BSV, vocab_size):
     """Per-sequence summed log-probs and scored-token counts: ([2B], [2B])."""
-    token_logps_BS = token_logprobs(logits_BSV, batch["labels"], vocab_size)
+    # The logits (the output layer's, nothing else holds them) end here: their
+    # storage takes their gradient in the backward pass.
+    token_logps_BS = token_logprobs(logits_BSV, batch["labels"], vocab_size, consume_logits=True)
     if "sequence_ids" in batch:
         return packed_sequence_logprobs(token_logps_BS, batch["loss_mask"], batch["sequence_ids"],
                                         batch["num_sequences"])

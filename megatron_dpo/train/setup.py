@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron_dpo.checkpoint.hf_export import check_export_dir
 from megatron_dpo.checkpoint.lock import RunLock
 from megatron_dpo.checkpoint.source import ModelSource, load_source_weights, load_tokenizer, resolve_source
+from megatron_dpo.config.errors import ConfigError
 from megatron_dpo.config.schema import Config, LossConfig
 from megatron_dpo.config.validate import resolve_val_num_microbatches
 from megatron_dpo.data import DataError, TokenizeResult, open_tokenized, split_paths
@@ -31,6 +32,8 @@ from megatron_dpo.loss.registry import NEEDS_GT_REWARDS, check_loss_config
 from megatron_dpo.models.architecture import ModelArchitecture
 from megatron_dpo.models.build import build_model
 from megatron_dpo.models.lora import apply_lora, fresh_adapter, read_peft_adapter, reference_adapters
+from megatron_dpo.models.kernels import (KernelPlan, detect_env, fusion_settings, resolve_kernels,
+                                         sequence_parallel_problem)
 from megatron_dpo.parallel.dims import ParallelDims
 from megatron_dpo.parallel.init import get_device, init_distributed, init_parallel
 from megatron_dpo.train import reference as reference_logps
@@ -121,6 +124,16 @@ def _log_builders(datasets: Dict[str, TokenizeResult], paths: Dict[str, str]) ->
     for (name, data), count in zip(datasets.items(), built.tolist()):
         how = f"built by {count} of {dist.get_world_size()} processes" if count else "reused"
         logger.info("tokenized cache of %s (%s): %s, %s", paths[name], name, how, data.directory)
+def kernel_plan(cfg: Config) -> KernelPlan:
+    """The layer spec, fusions and attention this machine runs (models/kernels.py)."""
+    env = detect_env()
+    problem = sequence_parallel_problem(cfg.policy.megatron_cfg.sequence_parallel, env)
+    if problem is not None:
+        raise ConfigError(problem)
+    try:
+        return resolve_kernels(fusion_settings(cfg.policy.megatron_cfg), env)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build_chunks(cfg: Config, arch: ModelArchitecture, dims: ParallelDims, trainable: bool) -> List[torch.nn.Module]:
@@ -129,7 +142,7 @@ def build_chunks(cfg: Config, arch: ModelArchitecture, dims: ParallelDims, train
     megatron_cfg = cfg.policy.megatron_cfg
     return build_model(arch, dims, cfg.policy.precision, megatron_cfg.sequence_parallel,
                        megatron_cfg.activation_checkpointing, trainable=trainable,
-                       prefix_sharing=cfg.data.prefix_sharing)
+                       prefix_sharing=cfg.data.prefix_sharing, kernels=kernel_plan(cfg))
 
 
 def build_from_source(cfg: Config, source: ModelSource, dims: ParallelDims, trainable: bool) -> List[torch.nn.Module]:
@@ -263,7 +276,7 @@ def setup_run(cfg: Config, source: Optional[ModelSource] = None,
     train_data = datasets.pop("train")
     steps = total_steps(cfg, len(train_data.pairs))
     megatron_cfg = cfg.policy.megatron_cfg
-    policy = wrap_ddp(policy, megatron_cfg.optimizer.use_distributed_optimizer)
+    policy = wrap_ddp(policy, megatron_cfg)
     optimizer = build_optimizer(policy, megatron_cfg, cfg.policy.precision, cfg.policy.max_grad_norm)
     scheduler = build_scheduler(optimizer, megatron_cfg, steps)
     install_schedule_hooks(policy, optimizer)

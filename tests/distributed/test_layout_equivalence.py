@@ -20,9 +20,12 @@ LAUNCHES = {
     1: ["tp1_pp1_dp1_4mb:", "tp1_pp1_dp1_1mb:mb=16", "tp1_packed:pack=true", "tp1_shared:share=true",
         "tp1_shared_cached:share=true,ref=cached,cache={tmp}"],
     2: ["tp2:tp=2", "pp2:pp=2", "dp2:", "dp2_distopt:distopt=true", "pp2_vpp2:pp=2,vpp=2",
-        "tp2_shared:tp=2,share=true"],
-    4: ["tp2_pp2:tp=2,pp=2", "tp2_pp2_packed:tp=2,pp=2,pack=true", "tp2_pp2_shared:tp=2,pp=2,share=true"],
+        "tp2_shared:tp=2,share=true", "dp2_overlap:ogr=true", "dp2_distopt_overlap:distopt=true,ogr=true,opg=true"],
+    4: ["tp2_pp2:tp=2,pp=2", "tp2_pp2_packed:tp=2,pp=2,pack=true", "tp2_pp2_shared:tp=2,pp=2,share=true",
+        "pp2_vpp2_dp2_overlap:pp=2,vpp=2,distopt=true,ogr=true,opg=true"],
 }
+# Communication overlap (grad reduce, param gather) on vs off in the same layout.
+OVERLAP = {"dp2_overlap": "dp2", "dp2_distopt_overlap": "dp2_distopt"}
 # Layouts whose rank 0 holds the first batch's log-probs of every sequence.
 SEQUENCE_LOGPS = ["tp1_pp1_dp1_1mb", "tp1_packed", "tp1_shared", "tp1_shared_cached", "tp2", "tp2_shared"]
 # Its reference log-probs come from a separate pass (other micro-batches), so
@@ -70,6 +73,14 @@ def test_layouts_agree_with_single_rank(layouts, metric):
             assert got[metric] == pytest.approx(want[metric], rel=1e-5, abs=1e-7), (
                 f"{metric} at step {step} under {name}: {got[metric]} vs single rank {want[metric]}"
             )
+
+
+@pytest.mark.parametrize("overlapped,plain", sorted(OVERLAP.items()))
+def test_overlap_equals_no_overlap(layouts, overlapped, plain):
+    """Step 2 also checks that the parameters gathered after step 1 are the updated ones."""
+    for got, want in zip(layouts[overlapped]["steps"], layouts[plain]["steps"]):
+        for metric in ("loss", "grad_norm", "chosen_logps", "rejected_logps"):
+            assert got[metric] == pytest.approx(want[metric], rel=1e-6, abs=1e-9), (overlapped, metric)
 
 
 def test_packed_and_shared_sequence_logps_match_padded(layouts):

@@ -12,6 +12,7 @@ RESUMABLE = [
     "dpo.max_num_steps=8", "policy.train_global_batch_size=8", "policy.train_micro_batch_size=2",
     "policy.megatron_cfg.optimizer.use_distributed_optimizer=true",
 ]
+FULLY_RESHARDABLE = "checkpointing.optimizer_format=fully_reshardable"
 # Timing is the only part of a record that a resumed run may change.
 UNCOMPARED = ("step", "split", "step_time", "tokens_per_sec")
 
@@ -20,7 +21,8 @@ UNCOMPARED = ("step", "split", "step_time", "tokens_per_sec")
 def uninterrupted(tmp_path_factory):
     """(records, run_dir) of the RESUMABLE run, saved after every step."""
     tmp_path = tmp_path_factory.mktemp("uninterrupted")
-    records, _ = run_dpo(tmp_path, 2, [*RESUMABLE, "checkpointing.save_period=1"])
+    # fully_reshardable: test_resume.py resumes these checkpoints at other layouts too.
+    records, _ = run_dpo(tmp_path, 2, [*RESUMABLE, "checkpointing.save_period=1", FULLY_RESHARDABLE])
     assert [r["step"] for r in records] == list(range(1, 9))
     return records, os.path.join(str(tmp_path), "run")
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import CPU_ENV, REPO, RUN_DPO, TINY_OVERRIDES, free_port, read_jsonl, run_dpo
+from tests.conftest import CPU_ENV, REPO, RUN_DPO, TINY_OVERRIDES, free_port, run_dpo
 from tests.e2e.conftest import RESUMABLE, assert_same_records
 
 SAVED_EVERY_STEP = [*RESUMABLE, "checkpointing.save_period=1"]

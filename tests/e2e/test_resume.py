@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from tests.conftest import run_dpo
-from tests.e2e.conftest import RESUMABLE, assert_same_records
+from tests.e2e.conftest import FULLY_RESHARDABLE, RESUMABLE, assert_same_records
 
 # Steps computed at another TP/PP reorder fp32 reductions: an uninterrupted
 # TP2 run differs from the DP2 one by up to 9e-7 (loss), 1.8e-6 (grad norm)
@@ -54,7 +54,8 @@ def test_resharding_to_tp2_and_back_loses_nothing(uninterrupted, tmp_path):
     DP2: the uninterrupted run's numbers, with no layout noise."""
     expected, source_dir = uninterrupted
     tp2_dir = os.path.join(tmp_path, "tp2", "run")
-    run_dpo(tmp_path / "tp2", 2, [*RESUMABLE, TP2, "dpo.max_num_steps=3", f"checkpointing.resume={source_dir}/step_3"])
+    run_dpo(tmp_path / "tp2", 2, [*RESUMABLE, TP2, "dpo.max_num_steps=3", f"checkpointing.resume={source_dir}/step_3",
+                                  FULLY_RESHARDABLE])
     records, _ = run_dpo(tmp_path, 2, [*RESUMABLE, f"checkpointing.resume={tp2_dir}/step_3"])
     assert_same_records(expected[3:], records)
 
@@ -89,3 +90,23 @@ def test_never_moves_the_earlier_run_aside_and_keep_top_k_ranks_by_metric(uninte
     assert sorted(name for name in os.listdir(run_dir) if name.startswith("step_")) == ["step_1", "step_8"]
     with open(os.path.join(run_dir, "step_1", "train_state.json")) as handle:
         assert json.load(handle)["metrics"]["train:loss"] == records[0]["loss"]
+
+
+OVERLAP = ["policy.megatron_cfg.distributed_data_parallel_config.overlap_grad_reduce=true",
+           "policy.megatron_cfg.distributed_data_parallel_config.overlap_param_gather=true"]
+
+
+def test_overlapped_run_saves_the_updated_parameters(uninterrupted, tmp_path):
+    """With overlap_param_gather the optimizer step leaves other ranks' shards
+    to the next forward; the save must gather them first. The overlapped run
+    (saving the default dp_reshardable optimizer state, on the plain torch
+    Adam path), and its step 3 continued without overlap: the uninterrupted
+    run's numbers. At TP2 that checkpoint is refused, naming the option."""
+    expected, _ = uninterrupted
+    overlapped, _ = run_dpo(tmp_path / "overlap", 2, [*RESUMABLE, *OVERLAP, "checkpointing.save_period=3"])
+    assert_same_records(expected, overlapped)
+    step_3 = os.path.join(str(tmp_path), "overlap", "run", "step_3")
+    records, _ = run_dpo(tmp_path, 2, [*RESUMABLE, f"checkpointing.resume={step_3}"])
+    assert_same_records(expected[3:], records)
+    _, result = run_dpo(tmp_path / "tp2", 2, [*RESUMABLE, TP2, f"checkpointing.resume={step_3}"], check=False)
+    assert result.returncode != 0 and "checkpointing.optimizer_format=fully_reshardable" in result.stderr

@@ -96,3 +96,14 @@ def test_checkpointing_keys_are_checked_at_load():
     with pytest.raises(ConfigError, match=r"checkpointing.metric_name.*val:loss"):
         load_config(None, ["checkpointing.metric_name=loss"])
     assert load_config(None, ["checkpointing.metric_name=val/chat:accuracy"]).checkpointing.metric_name
+
+
+def test_dp_reshardable_optimizer_state_is_refused_at_another_model_parallel_layout():
+    from megatron_dpo.config.errors import ConfigError
+    from megatron_dpo.train.resume import check_optimizer_layout
+
+    saved = {"tp": 1, "pp": 1, "dp": 2, "vpp": None}
+    check_optimizer_layout("step_3", "dp_reshardable", saved, dict(saved, dp=4))  # DP may change
+    check_optimizer_layout("step_3", "fully_reshardable", saved, dict(saved, tp=2))
+    with pytest.raises(ConfigError, match="checkpointing.optimizer_format=fully_reshardable"):
+        check_optimizer_layout("step_3", "dp_reshardable", saved, dict(saved, tp=2, dp=1))

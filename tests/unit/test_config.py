@@ -248,3 +248,13 @@ def test_save_config_round_trips(tmp_path):
     assert load_config(str(path), []) == cfg
     assert config_to_dict(cfg)["policy"]["model_name"] == "123"
     assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]
+
+
+def test_overlap_param_gather_needs_the_distributed_optimizer():
+    key = "policy.megatron_cfg.distributed_data_parallel_config.overlap_param_gather"
+    cfg = load_config(None, [f"{key}=true"])
+    with pytest.raises(ConfigError, match="use_distributed_optimizer=true"):
+        ParallelDims.resolve(cfg.policy, world_size=2, num_layers=4, num_attention_heads=4, num_query_groups=4)
+    cfg = load_config(None, [f"{key}=true", "policy.megatron_cfg.optimizer.use_distributed_optimizer=true"])
+    assert ParallelDims.resolve(cfg.policy, world_size=2, num_layers=4, num_attention_heads=4,
+                                num_query_groups=4).dp_size == 2

@@ -99,3 +99,35 @@ def test_distributed_optimizer_shards_adam_state_over_dp():
         return size
 
     assert optimizer_bytes(True) * 8 == pytest.approx(optimizer_bytes(False))
+
+
+def test_interleaved_pipeline_holds_megatrons_warmup_count_in_flight():
+    from megatron_dpo.models.memory import layers_in_flight
+
+    def layout(pp, vpp, microbatches):
+        return ParallelDims(world_size=pp, tp_size=1, pp_size=pp, dp_size=1, vpp_size=vpp,
+                            num_microbatches=microbatches)
+
+    # 1F1B: stage 0 of PP4 holds 4 micro-batches of its 8 layers.
+    assert layers_in_flight(32, layout(4, None, 16), 0) == 4 * 8
+    # Interleaved PP4 x VPP2: 2(4-0-1) + (2-1)4 + 1 = 11 chunk-micro-batches of 4 layers on stage 0.
+    assert layers_in_flight(32, layout(4, 2, 16), 0) == 11 * 4
+    assert layers_in_flight(32, layout(4, 2, 16), 3) == 5 * 4
+    # Capped at micro-batches x chunks.
+    assert layers_in_flight(32, layout(4, 2, 4), 0) == 8 * 4
+
+
+def test_unfused_kernels_and_runtime_add_memory():
+    path = os.path.join(CONFIGS, "llama3.1-8b-tp4.yaml")
+    arch = _architecture("meta-llama/Llama-3.1-8B")
+
+    def rows(*overrides):
+        cfg = load_config(path, list(overrides))
+        layout = ParallelDims.resolve(cfg.policy, 8, arch.num_layers, arch.num_attention_heads, arch.num_query_groups)
+        return dict(estimate_memory(arch, cfg, layout).rows)
+
+    fused = rows()
+    unfused = rows("policy.megatron_cfg.bias_activation_fusion=false", "policy.megatron_cfg.apply_rope_fusion=false")
+    assert unfused["activations (rough)"] > fused["activations (rough)"]
+    runtime = "CUDA context, workspaces, NCCL buffers (+ unfused wgrad)"
+    assert fused[runtime] == pytest.approx(0.75 * 2**30 + 2 * 0.25 * 2**30)  # TP4 and DP2 communicators

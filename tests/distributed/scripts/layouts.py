@@ -31,6 +31,8 @@ KEYS = {
     "vpp": "policy.megatron_cfg.virtual_pipeline_model_parallel_size",
     "mb": "policy.train_micro_batch_size",
     "distopt": "policy.megatron_cfg.optimizer.use_distributed_optimizer",
+    "ogr": "policy.megatron_cfg.distributed_data_parallel_config.overlap_grad_reduce",
+    "opg": "policy.megatron_cfg.distributed_data_parallel_config.overlap_param_gather",
     "pack": "data.packing",
     "share": "data.prefix_sharing",
     "ref": "reference.mode",

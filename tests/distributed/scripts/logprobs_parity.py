@@ -25,16 +25,23 @@ def main() -> None:
 
     # This rank's slice of the padded vocabulary (padding rows hold garbage on purpose).
     padded = torch.cat([full_logits, torch.full((batch, seq, padded_vocab - vocab_size), 50.0)], dim=-1)
-    local = padded.chunk(ctx.tp_size, dim=-1)[ctx.tp_rank].clone().requires_grad_(True)
-    parallel = token_logprobs(local, labels, vocab_size)
-    parallel_seq, num_tokens = sequence_logprobs(parallel, loss_mask)
-    parallel_seq.sum().backward()
-
-    torch.testing.assert_close(parallel, reference.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(parallel_seq, reference_seq.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(num_tokens, loss_mask.sum(-1))
     grad_full = torch.cat([reference_logits.grad, torch.zeros(batch, seq, padded_vocab - vocab_size)], dim=-1)
-    torch.testing.assert_close(local.grad, grad_full.chunk(ctx.tp_size, dim=-1)[ctx.tp_rank], rtol=1e-5, atol=1e-6)
+    # One chunk of tokens, then chunks of 5 tokens (the last one shorter);
+    # the logits kept, or consumed (their storage takes the gradient).
+    for chunk_bytes, consume in ((2**26, False), (5 * 4 * padded_vocab // ctx.tp_size, False), (2**26, True)):
+        local = padded.chunk(ctx.tp_size, dim=-1)[ctx.tp_rank].clone().requires_grad_(True)
+        before = local.detach().clone()
+        parallel = token_logprobs(local * 1.0 if consume else local, labels, vocab_size,
+                                  consume_logits=consume, chunk_bytes=chunk_bytes)
+        parallel_seq, num_tokens = sequence_logprobs(parallel, loss_mask)
+        parallel_seq.sum().backward()
+
+        torch.testing.assert_close(parallel, reference.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(parallel_seq, reference_seq.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(num_tokens, loss_mask.sum(-1))
+        torch.testing.assert_close(local.grad, grad_full.chunk(ctx.tp_size, dim=-1)[ctx.tp_rank],
+                                   rtol=1e-5, atol=1e-6)
+        assert torch.equal(local.detach(), before), "the logits must not be modified in place"
     if ctx.is_rank0:
         print("LOGPROBS_PARITY_OK")
     shutdown()
