@@ -46,7 +46,10 @@ def torchrun(nproc: int, script: str, args, timeout: int = 300, env=None, check:
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         f"--master_port={free_port()}", script, *args,
     ]
-    run_env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **CPU_ENV, **(env or {}))
+    # The repo root on the path: test scripts import shared helpers from tests/.
+    python_path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    run_env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=python_path, **CPU_ENV,
+                   **(env or {}))
     result = subprocess.run(command, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(

@@ -55,8 +55,12 @@ def test_layouts_agree(layouts, metric):
     for name, record in layouts.items():
         if name == CACHED and metric != "loss":
             continue  # cached log-probs differ by rounding; its loss is checked to 1e-5 below
+        # reward_margin is beta x a difference of sequence log-probs of size ~50-100: after one small
+        # LoRA step it is ~0.02, so the layouts' fp32 reduction order (~1e-8 relative of the log-probs)
+        # shows at ~3e-7 absolute; its absolute floor is set on the log-probs' scale.
+        floor = 1e-6 if metric == "reward_margin" else 1e-7
         for step, (got, want) in enumerate(zip(record["steps"], baseline), start=1):
-            assert got[metric] == pytest.approx(want[metric], rel=1e-5, abs=1e-7), f"{metric} step {step} {name}"
+            assert got[metric] == pytest.approx(want[metric], rel=1e-5, abs=floor), f"{metric} step {step} {name}"
 
 
 def test_only_adapters_get_gradients(layouts):
