@@ -17,6 +17,17 @@ SHARDING_KEY = "distrib_optim_sharding_type"
 OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 
 
+def checkpoint_errors() -> tuple:
+    """What dist_checkpointing raises for a failed save or load: its own
+    CheckpointingException and torch DCP's CheckpointException (a
+    BaseException: ``except Exception`` misses it), which wrap each failed
+    rank's error."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointingException, CheckpointException
+
+
 def _unwrap_ddp(chunk: torch.nn.Module) -> torch.nn.Module:
     from megatron.core.distributed import DistributedDataParallel
 

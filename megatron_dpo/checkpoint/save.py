@@ -22,7 +22,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_dpo.checkpoint.dist import save_policy
+from megatron_dpo.checkpoint.dist import checkpoint_errors, save_policy
 from megatron_dpo.checkpoint.errors import CheckpointSaveError
 from megatron_dpo.checkpoint.files import (
     ARCH_FILE, CONFIG_FILE, STEP_DIR, TMP_PREFIX, TOKENIZER_DIR, TRAIN_STATE_FILE, is_complete, policy_dir,
@@ -120,13 +120,10 @@ def _space_note(checkpoint_dir: str) -> str:
 def _on_every_rank(action) -> Optional[str]:
     """Collective: run ``action``; every rank learns the first failure (an
     OSError, or dist_checkpointing's own errors, which wrap them)."""
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-
     problem = None
     try:
         action()
-    except (OSError, CheckpointingException, CheckpointException) as error:
+    except (OSError, *checkpoint_errors()) as error:
         # DCP's exceptions carry each failed rank's traceback: its last line is the cause.
         lines = [line for line in str(error).splitlines() if line.strip()]
         problem = f"{type(error).__name__}: {lines[-1].strip()[:1000] if lines else ''}"

@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from megatron_dpo.checkpoint.dist import load_model_weights
+from megatron_dpo.checkpoint.dist import checkpoint_errors, load_model_weights
 from megatron_dpo.checkpoint.files import ARCH_FILE, TOKENIZER_DIR, policy_dir
 from megatron_dpo.config.errors import ConfigError
 from megatron_dpo.config.schema import PolicyConfig
@@ -108,12 +108,9 @@ def load_source_weights(chunks: List[torch.nn.Module], source: ModelSource, dims
 def _load_checkpoint_weights(chunks: List[torch.nn.Module], path: str) -> None:
     """A megatron_dpo checkpoint as the source: refused by name when its files
     would run code (compat's restricted unpickler) or its weights hold NaN/inf."""
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-
     try:
         load_model_weights(chunks, policy_dir(path))
-    except (pickle.UnpicklingError, AssertionError, CheckpointingException, CheckpointException) as error:
+    except (pickle.UnpicklingError, AssertionError, *checkpoint_errors()) as error:
         # DCP reports a refused or unreadable .metadata as "metadata is None; ..." inside its exception.
         reason = str(error).strip().splitlines()[-1][:2000]
         raise ConfigError(f"policy.model_name={path!r} cannot be loaded: {reason}") from error

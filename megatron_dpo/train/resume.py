@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_dpo.checkpoint.dist import load_policy, saved_optimizer_format
+from megatron_dpo.checkpoint.dist import checkpoint_errors, load_policy, saved_optimizer_format
 from megatron_dpo.checkpoint.files import CONFIG_FILE, STEP_DIR, policy_dir
 from megatron_dpo.checkpoint.load import check_compatible, quarantine, resume_candidates, verify_step
 from megatron_dpo.checkpoint.lock import RunLock, acquire_run_lock, check_run_dir, mark_run_dir
@@ -194,11 +194,8 @@ def _move_aside(run_dir: str, names: List[str]) -> None:
 def _load_errors():
     """What loading a damaged checkpoint raises once its manifest passed (an
     unverified older step, bytes changed with the manifest, a refused pickle)."""
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-
     return (CheckpointCorrupt, pickle.UnpicklingError, EOFError, KeyError, AssertionError, ValueError,
-            CheckpointingException, CheckpointException)
+            *checkpoint_errors())
 
 
 def _nonfinite_weight(chunks) -> Optional[str]:
