@@ -48,12 +48,6 @@ def resume_candidates(cfg: CheckpointingConfig, below_step: Optional[int] = None
     return [cfg.resume]
 
 
-def find_resume_dir(cfg: CheckpointingConfig) -> Optional[str]:
-    """The first candidate (unverified), or None to start fresh."""
-    candidates = resume_candidates(cfg)
-    return candidates[0] if candidates else None
-
-
 def verify_step(directory: str, mode: str, rank: int, world_size: int) -> Optional[str]:
     """This rank's verdict on its share of ``directory``'s files: None when
     intact, else what is wrong (the file and the problem). A step written

@@ -8,7 +8,7 @@ import pytest
 
 from megatron_dpo.checkpoint.fingerprint import data_fingerprint
 from megatron_dpo.checkpoint.files import ARCH_FILE, TRAIN_STATE_FILE
-from megatron_dpo.checkpoint.load import check_compatible, find_resume_dir
+from megatron_dpo.checkpoint.load import check_compatible, resume_candidates
 from megatron_dpo.checkpoint.save import complete_steps, prune_checkpoints, remove_incomplete
 from megatron_dpo.config import ConfigError, load_config
 from megatron_dpo.config.load import duration_seconds
@@ -52,7 +52,7 @@ def test_half_written_checkpoints_are_invisible_and_removed(tmp_path):
     os.makedirs(os.path.join(tmp_path, ".tmp_step_2", "policy"))
     os.makedirs(os.path.join(tmp_path, "step_3"))  # no train_state.json: not complete
     assert complete_steps(str(tmp_path)) == [1]
-    assert find_resume_dir(CheckpointingConfig(checkpoint_dir=str(tmp_path))) == os.path.join(tmp_path, "step_1")
+    assert resume_candidates(CheckpointingConfig(checkpoint_dir=str(tmp_path))) == [os.path.join(tmp_path, "step_1")]
     assert remove_incomplete(str(tmp_path)) == [".tmp_step_2"]
     assert sorted(os.listdir(tmp_path)) == ["step_1", "step_3"]
 
@@ -60,8 +60,8 @@ def test_half_written_checkpoints_are_invisible_and_removed(tmp_path):
 def test_resume_path_must_be_a_complete_checkpoint(tmp_path):
     cfg = CheckpointingConfig(checkpoint_dir=str(tmp_path), resume=str(tmp_path / "step_9"))
     with pytest.raises(ConfigError, match=r"checkpointing.resume=.*step_9.* is not a complete checkpoint"):
-        find_resume_dir(cfg)
-    assert find_resume_dir(CheckpointingConfig(checkpoint_dir=str(tmp_path), resume="never")) is None
+        resume_candidates(cfg)
+    assert resume_candidates(CheckpointingConfig(checkpoint_dir=str(tmp_path), resume="never")) == []
 
 
 def test_resume_into_another_model_names_the_fields(tmp_path):
