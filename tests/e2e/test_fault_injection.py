@@ -29,9 +29,9 @@ from tests.conftest import CPU_ENV, REPO, RUN_DPO, TINY_OVERRIDES, free_port, re
 from tests.e2e.conftest import assert_same_records
 
 # Each of the 14 kills lets a restart make a step or more of progress (one
-# after "saved" may let two more finish), less one per corruption: 40 steps
+# after "saved" may let two more finish), less one per corruption: 48 steps
 # leave the final restart work to do on a fast machine (CI reached 24 of 24).
-NUM_STEPS = 40
+NUM_STEPS = 48
 # Two ranks (DP2), a checkpoint after every step.
 OVERRIDES = [*TINY_OVERRIDES, f"dpo.max_num_steps={NUM_STEPS}", "policy.train_global_batch_size=8",
              "policy.train_micro_batch_size=2", "checkpointing.save_period=1", "data.val_data_path=null"]
