@@ -10,7 +10,6 @@ modules are imported below; a new variant module is added to that import.
 from megatron_dpo.loss import preference, anchored, reward_aware  # noqa: F401, I001
 from megatron_dpo.loss.objective import PairTerms, PreferenceOutput, pair_terms, preference_terms
 from megatron_dpo.loss.registry import (
-    NEEDS_GT_REWARDS,
     PREFERENCE_LOSSES,
     GroundTruth,
     check_loss_config,
@@ -20,7 +19,6 @@ from megatron_dpo.loss.registry import (
 from megatron_dpo.loss.sft import sft_loss
 
 __all__ = [
-    "NEEDS_GT_REWARDS",
     "PREFERENCE_LOSSES",
     "GroundTruth",
     "PairTerms",

@@ -26,7 +26,7 @@ Shape suffixes: B = number of preference pairs.
 
 import difflib
 from dataclasses import dataclass
-from typing import AbstractSet, Callable, Dict, Iterator, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 
@@ -88,29 +88,6 @@ def preference_loss(
         return fn
 
     return register
-
-
-class _NamesWith(AbstractSet[str]):
-    """The registered names whose entry has ``flag`` set, as a live set."""
-
-    def __init__(self, flag: str):
-        self._flag = flag
-
-    def _names(self) -> Tuple[str, ...]:
-        return tuple(name for name, entry in PREFERENCE_LOSSES.items() if getattr(entry, self._flag))
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-
-# Losses that need the data's ground-truth rewards (chosen_reward / rejected_reward).
-NEEDS_GT_REWARDS: AbstractSet[str] = _NamesWith("needs_gt_rewards")
 
 
 def get_preference_loss(name: str) -> RegisteredLoss:

@@ -28,7 +28,7 @@ from megatron_dpo.config.schema import Config, LossConfig
 from megatron_dpo.config.validate import resolve_val_num_microbatches
 from megatron_dpo.data import DataError, TokenizeResult, open_tokenized, split_paths
 from megatron_dpo.logging import timed
-from megatron_dpo.loss.registry import NEEDS_GT_REWARDS, check_loss_config
+from megatron_dpo.loss.registry import check_loss_config, get_preference_loss
 from megatron_dpo.models.architecture import ModelArchitecture
 from megatron_dpo.models.build import build_model
 from megatron_dpo.models.lora import apply_lora, fresh_adapter, read_peft_adapter, reference_adapters
@@ -106,7 +106,7 @@ def _load_data(cfg: Config, tokenizer, paths: Dict[str, str]) -> Dict[str, Token
                 f"(dpo.val_global_batch_size={cfg.dpo.val_global_batch_size}): add pairs, or lower "
                 "dpo.val_global_batch_size (a multiple of dpo.val_micro_batch_size x data-parallel size)"
             )
-    if cfg.loss_fn.preference_loss in NEEDS_GT_REWARDS:  # fail here, not in the first step
+    if get_preference_loss(cfg.loss_fn.preference_loss).needs_gt_rewards:  # fail here, not in the first step
         for name, path in paths.items():
             if datasets[name].pairs[0].chosen_reward is None:
                 raise DataError(

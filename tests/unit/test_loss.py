@@ -23,7 +23,6 @@ from megatron_dpo.config import CHOICES, ConfigError, load_config
 from megatron_dpo.config.schema import LossConfig
 from megatron_dpo.loss import pair_terms, preference_terms
 from megatron_dpo.loss.registry import (
-    NEEDS_GT_REWARDS,
     PREFERENCE_LOSSES,
     GroundTruth,
     check_loss_config,
@@ -277,5 +276,5 @@ def test_a_name_cannot_be_registered_twice():
 
 
 def test_needs_gt_rewards_follows_the_registrations():
-    assert set(NEEDS_GT_REWARDS) == {"rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl"}
-    assert "dpo" not in NEEDS_GT_REWARDS
+    needs = {name for name, entry in PREFERENCE_LOSSES.items() if entry.needs_gt_rewards}
+    assert needs == {"rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl"}
