@@ -19,6 +19,7 @@ a checkpoint written by a CPU process loads here and trains.
 """
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -202,7 +203,8 @@ def run_group(args, names, cache_dir, gpu: bool, checks: dict, facts: dict, firs
     peak = sorted(peaks)[len(peaks) // 2]
     for name in runs:
         summaries[name] = bench.summarise(args, runs[name], records[name], peak, memory[name])
-    runs.clear()
+    runs.clear()  # the next group's runs need the memory: free these (reference cycles too) first
+    gc.collect()
     if gpu:
         torch.cuda.empty_cache()
 
