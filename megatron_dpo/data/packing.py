@@ -23,11 +23,22 @@ padded form: 2i chosen, 2i+1 rejected of pair i):
   tokens, labels, position_ids [1, T] long; loss_mask [1, T] float32
   sequence_ids [1, T] long: the sequence a position's label is scored for
   cu_seqlens [segments + 1] int32: segment boundaries (THD convention)
+  max_seqlen: the longest segment (an int: no device sync to find it)
   branch_ids [1, T] long: only with prefix sharing
   num_sequences: N (an int)
+With prefix sharing, also Transformer Engine's THD form of the row (built
+here, on the CPU; models/attention.py reads it): per pair two *query
+sequences*, [shared prompt | chosen] and [rejected], each over its *key
+sequence*: [shared prompt | chosen] itself, and [shared prompt | rejected],
+gathered from the row by ``kv_index``. The rejected queries attend
+bottom-right aligned: the i-th sees the whole prompt and rejected tokens 0..i.
+  cu_seqlens_q, cu_seqlens_kv [query sequences + 1] int32 (the pad tail is one
+    more sequence); kv_index [cu_seqlens_kv[-1]] long: the row position of each key
+  max_seqlen_q, max_seqlen_kv: ints
 (collate.make_microbatches adds gt_rewards / reference_logps [N] as padded.)
 """
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +117,32 @@ def _pieces_to_columns(segments: list[list[_Piece]]) -> dict[str, list]:
     return columns
 
 
+def thd_prefix_layout(segments: list[list[_Piece]]) -> dict:
+    """The THD query / key sequences of a prefix-shared row (module docstring)."""
+    q_lengths, kv_lengths, kv_index, start = [], [], [], 0
+    for segment in segments:
+        lengths = [len(piece.ids) for piece in segment]
+        if [piece.branch for piece in segment] == [SHARED, CHOSEN, REJECTED]:
+            shared, chosen, rejected = lengths
+            q_lengths += [shared + chosen, rejected]
+            kv_lengths += [shared + chosen, shared + rejected]
+            rejected_start = start + shared + chosen
+            kv_index += [*range(start, rejected_start), *range(start, start + shared),
+                         *range(rejected_start, rejected_start + rejected)]
+        else:  # the pad tail
+            q_lengths.append(sum(lengths))
+            kv_lengths.append(sum(lengths))
+            kv_index += range(start, start + sum(lengths))
+        start += sum(lengths)
+    return {
+        "cu_seqlens_q": torch.tensor([0, *itertools.accumulate(q_lengths)], dtype=torch.int32),
+        "cu_seqlens_kv": torch.tensor([0, *itertools.accumulate(kv_lengths)], dtype=torch.int32),
+        "kv_index": torch.tensor(kv_index, dtype=torch.long),
+        "max_seqlen_q": max(q_lengths),
+        "max_seqlen_kv": max(kv_lengths),
+    }
+
+
 def collate_packed(pairs: list[TokenizedPair], pad_id: int, seq_length: int,
                    prefix_sharing: bool) -> dict:
     """One packed micro-batch of ``seq_length`` tokens (see the module docstring)."""
@@ -122,7 +159,9 @@ def collate_packed(pairs: list[TokenizedPair], pad_id: int, seq_length: int,
              for name in ("tokens", "labels", "position_ids", "sequence_ids")}
     batch["loss_mask"] = torch.tensor([columns["loss_mask"]], dtype=torch.float32)
     batch["cu_seqlens"] = torch.tensor(columns["cu_seqlens"], dtype=torch.int32)
+    batch["max_seqlen"] = max(b - a for a, b in itertools.pairwise(columns["cu_seqlens"]))
     if prefix_sharing:
         batch["branch_ids"] = torch.tensor([columns["branch_ids"]], dtype=torch.long)
+        batch.update(thd_prefix_layout(segments))
     batch["num_sequences"] = 2 * len(pairs)
     return batch

@@ -20,8 +20,15 @@
   output canonical strides (see ``canonical_strides``).
 - With Transformer Engine, plain packing uses TE's own packed format instead
   (THD, ``PackedSeqParams`` with ``cu_seqlens``): TE applies RoPE per sequence.
-  Prefix sharing has no TE equivalent (chosen and rejected share a prefix but
-  not each other) and runs ``SDPAttention`` in the TE spec.
+- ``PrefixTHDParams``: a prefix-shared row for TE (models/te_attention.py).
+  A rejected branch attends to [shared prompt; rejected] keys: causal attention
+  aligned bottom-right, THD with ``cu_seqlens_q`` != ``cu_seqlens_kv``. Its keys
+  are not contiguous in the row, so ``prefix_thd_attention`` gathers the key
+  sequences (``kv_index``, data/packing.py: the prompt's K/V once more per
+  pair) and hands THD tensors to a kernel. Its ``qkv_format`` stays "sbhd":
+  megatron then applies RoPE by position (``PositionedGPTModel``), as for
+  ``SegmentedSeqParams``, instead of restarting it per THD sequence. All of its
+  metadata is built on the CPU in collate: no host sync in the forward.
 
 Legend: T = packed row length, n = heads (this TP rank), g = query groups
 (this TP rank), d = head dim.
@@ -83,17 +90,43 @@ def segmented_params(cu_seqlens: torch.Tensor, branch_ids_1T: Optional[torch.Ten
                               segments=segments, rejected_masks=masks)
 
 
-def thd_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
+def thd_params(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedSeqParams:
     """Transformer Engine's packed format: one causal sequence per segment."""
-    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
+                           max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+
+
+@dataclass
+class PrefixTHDParams(PackedSeqParams):
+    """A prefix-shared row in THD form (data/packing.py): ``cu_seqlens_q`` /
+    ``cu_seqlens_kv`` / ``max_seqlen_*`` of the query and key sequences, and
+    ``kv_index`` [T_kv] long, the row position of each key."""
+
+    kv_index: Optional[torch.Tensor] = None
+
+
+def prefix_thd_params(batch: dict) -> PrefixTHDParams:
+    return PrefixTHDParams(qkv_format="sbhd", cu_seqlens_q=batch["cu_seqlens_q"],
+                           cu_seqlens_kv=batch["cu_seqlens_kv"], max_seqlen_q=batch["max_seqlen_q"],
+                           max_seqlen_kv=batch["max_seqlen_kv"], kv_index=batch["kv_index"])
+
+
+def prefix_thd_attention(attend, query, key, value, params: PrefixTHDParams) -> torch.Tensor:
+    """query [T, 1, n, d], key / value [T, 1, g, d] -> [T, 1, n*d].
+
+    ``attend(q [T, n, d], k [T_kv, g, d], v [T_kv, g, d], params)`` is THD
+    attention, causal aligned bottom-right within each (query, key) sequence
+    pair: TE's kernel on a GPU, a reference in the CPU tests."""
+    q_TND = query.squeeze(1).contiguous()
+    # index_select's backward sums the two copies of a prompt token's K/V gradient.
+    k_TGD, v_TGD = (t.squeeze(1).index_select(0, params.kv_index) for t in (key, value))
+    return attend(q_TND, k_TGD, v_TGD, params).reshape(query.shape[0], 1, -1)
 
 
 def packed_seq_params(batch: dict, te_attention: bool) -> PackedSeqParams:
     """The params a packed micro-batch's forward passes to the model."""
-    if te_attention and "branch_ids" not in batch:
-        return thd_params(batch["cu_seqlens"])
+    if te_attention:
+        return prefix_thd_params(batch) if "kv_index" in batch else thd_params(batch["cu_seqlens"], batch["max_seqlen"])
     return segmented_params(batch["cu_seqlens"], batch.get("branch_ids"))
 
 
@@ -150,10 +183,10 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(seq_len, batch, -1)  # [s, b, n*d]
 
 
-def with_sdpa_attention(spec):
-    """A GPT layer spec with its core attention swapped for SDPAttention."""
+def with_core_attention(spec, core_attention):
+    """A GPT layer spec with its core attention swapped for ``core_attention``."""
     attention = spec.submodules.self_attention
-    attention = replace(attention, submodules=replace(attention.submodules, core_attention=SDPAttention))
+    attention = replace(attention, submodules=replace(attention.submodules, core_attention=core_attention))
     return replace(spec, submodules=replace(spec.submodules, self_attention=attention))
 
 
@@ -170,14 +203,15 @@ def canonical_strides(x_SBH: torch.Tensor) -> torch.Tensor:
 
 
 class PositionedGPTModel(GPTModel):
-    """GPTModel whose RoPE angles follow position_ids in segmented rows."""
+    """GPTModel whose RoPE angles follow position_ids in segmented and
+    prefix-shared THD rows."""
 
     def _preprocess(self, *args, **kwargs):
         decoder_input, rotary_pos_emb, *rest = super()._preprocess(*args, **kwargs)
         if isinstance(decoder_input, torch.Tensor):
             decoder_input = canonical_strides(decoder_input)
         params, position_ids = kwargs.get("packed_seq_params"), kwargs.get("position_ids")
-        if isinstance(params, SegmentedSeqParams) and rotary_pos_emb is not None:
+        if isinstance(params, (SegmentedSeqParams, PrefixTHDParams)) and rotary_pos_emb is not None:
             freqs = self.rotary_pos_emb(position_ids.shape[1])  # [T, 1, 1, d] for positions 0..T-1
             rotary_pos_emb = freqs[position_ids.t()].squeeze(2)  # [T, b, 1, d]
         return (decoder_input, rotary_pos_emb, *rest)

@@ -24,18 +24,23 @@ def transformer_engine_available() -> bool:
 
 def layer_spec(arch: ModelArchitecture, use_te: bool, prefix_sharing: bool = False):
     """TE's fused layers, or megatron's local ones, each with the core
-    attention that fits the batches (models/attention.py): SDPA on the local
-    spec always, and on the TE spec for prefix-shared batches."""
+    attention that fits the batches: SDPA on the local spec
+    (models/attention.py); on the TE spec, TE's, which for prefix-shared
+    batches runs THD with bottom-right causal masks (models/te_attention.py)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    from megatron_dpo.models.attention import with_sdpa_attention
+    from megatron_dpo.models.attention import SDPAttention, with_core_attention
 
     if use_te:
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-        return with_sdpa_attention(spec) if prefix_sharing else spec
-    return with_sdpa_attention(gpt_layer_specs.get_gpt_layer_local_spec(
+        if not prefix_sharing:
+            return spec
+        from megatron_dpo.models.te_attention import TEPrefixSharedAttention
+
+        return with_core_attention(spec, TEPrefixSharedAttention)
+    return with_core_attention(gpt_layer_specs.get_gpt_layer_local_spec(
         qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"
-    ))
+    ), SDPAttention)
 
 
 def transformer_config(

@@ -93,12 +93,30 @@ def resolve_fusions(settings: Mapping[str, str], env: KernelEnv) -> Dict[str, bo
     return resolved
 
 
+PREFIX_TE_THD = "TE THD bottom-right"
+PREFIX_SDPA = "SDPA"
+PREFIX_SDPA_GPU_FALLBACK = ("SDPA (fallback: no Transformer Engine on this GPU; a per-segment loop with host "
+                            "syncs, GQA on the math kernel; pip install -e '.[gpu]' for TE THD)")
+
+
+def prefix_attention(env: KernelEnv) -> str:
+    """Prefix-shared batches' core attention. With TE and CUDA, TE's THD
+    kernel: the rejected branch is a query sequence over [prompt; rejected]
+    keys, causal aligned bottom-right (models/te_attention.py). Otherwise the
+    SDPA per-segment path, on CPU the one there is; on a GPU without TE it is
+    a documented fallback, not a refusal: it gives the same numbers (the CPU
+    tests' path), only slower, as padded and packed batches there run SDPA too."""
+    if env.te and env.cuda:
+        return PREFIX_TE_THD
+    return PREFIX_SDPA_GPU_FALLBACK if env.cuda else PREFIX_SDPA
+
+
 def resolve_kernels(settings: Mapping[str, str], env: KernelEnv) -> KernelPlan:
     use_te = env.te and env.cuda
     return KernelPlan(
         layer_spec="transformer_engine" if use_te else "local",
         attention="TE DotProductAttention (THD for packed rows)" if use_te else "SDPA",
-        prefix_attention="SDPA",
+        prefix_attention=prefix_attention(env),
         fusions=resolve_fusions(settings, env),
     )
 

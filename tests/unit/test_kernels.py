@@ -5,7 +5,8 @@ import itertools
 import pytest
 
 from megatron_dpo.config import load_config
-from megatron_dpo.models.kernels import FUSIONS, KernelEnv, resolve_fusions, resolve_kernels, sequence_parallel_problem
+from megatron_dpo.models.kernels import (FUSIONS, PREFIX_SDPA, PREFIX_SDPA_GPU_FALLBACK, PREFIX_TE_THD, KernelEnv,
+                                        prefix_attention, resolve_fusions, resolve_kernels, sequence_parallel_problem)
 
 ALL_AUTO = dict.fromkeys(FUSIONS, "auto")
 
@@ -28,7 +29,26 @@ def test_cpu_has_every_fusion_off_and_the_local_spec():
 def test_te_and_cuda_have_every_fusion_on_and_the_te_spec():
     plan = resolve_kernels({}, KernelEnv(te=True, cuda=True, wgrad_kernel=True))
     assert plan.use_te and all(plan.fusions.values())
-    assert "TE" in plan.attention and plan.prefix_attention == "SDPA"
+    assert "TE" in plan.attention and plan.prefix_attention == PREFIX_TE_THD
+
+
+@pytest.mark.parametrize("te,cuda,expected", [(True, True, PREFIX_TE_THD), (False, True, PREFIX_SDPA_GPU_FALLBACK),
+                                              (True, False, PREFIX_SDPA), (False, False, PREFIX_SDPA)])
+def test_prefix_attention_is_te_thd_with_te_and_cuda_and_a_documented_sdpa_fallback_otherwise(te, cuda, expected):
+    env = KernelEnv(te=te, cuda=cuda, wgrad_kernel=False)
+    assert prefix_attention(env) == expected == resolve_kernels({}, env).prefix_attention
+    if expected == PREFIX_SDPA_GPU_FALLBACK:  # a GPU without TE runs, and the banner says why it is slow
+        assert "fallback" in expected and "[gpu]" in expected
+        assert f"prefix-shared: {expected}" in resolve_kernels({}, env).describe()
+
+
+def test_prefix_sharing_layer_spec_core_attention():
+    from megatron_dpo.models.attention import SDPAttention
+    from megatron_dpo.models.build import layer_spec
+    from megatron_dpo.models.presets import PRESETS
+
+    spec = layer_spec(PRESETS["tiny-llama"], use_te=False, prefix_sharing=True)
+    assert spec.submodules.self_attention.submodules.core_attention is SDPAttention
 
 
 def test_te_without_cuda_is_the_local_spec():

@@ -133,10 +133,10 @@ def test_packed_seq_params_segments_and_thd():
     thd = packed_seq_params(packed, te_attention=True)
     assert thd.qkv_format == "thd" and thd.cu_seqlens_q.tolist() == [0, 5, 11, 14, 18, 24]
     assert thd.cu_seqlens_q.dtype == torch.int32 and thd.max_seqlen_q == 6
-    # Prefix sharing has no THD form: TE runs SDPAttention on it too. Shared
-    # prompt [1, 10] / [] and each branch with its copy of the last prompt token;
-    # 9 + 7 tokens fill the row, no pad tail.
-    shared = packed_seq_params(make_microbatches(pairs, 2, PAD, prefix_sharing=True)[0], te_attention=True)
+    # Prefix sharing without TE: shared prompt [1, 10] / [] and each branch with
+    # its copy of the last prompt token; 9 + 7 tokens fill the row, no pad tail.
+    # (With TE: its THD form, tests/unit/test_thd_prefix.py.)
+    shared = packed_seq_params(make_microbatches(pairs, 2, PAD, prefix_sharing=True)[0], te_attention=False)
     assert shared.segments == [Segment(5, 2, 4), Segment(3, 0, 4)]
     assert shared.split_sizes() == [5, 4, 3, 4] and len(shared.rejected_masks) == 2
 
