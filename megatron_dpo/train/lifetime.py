@@ -15,6 +15,9 @@ parent and ends when the parent is gone:
   fresh interpreter that imports the main script as ``__mp_main__``:
   scripts/run_dpo.py calls ``end_with_spawning_parent``), polls its parent pid.
 Each ends within ``POLL_SECONDS`` of its parent, without a handler to run.
+A watch can only know its parent while the parent lives: an agent killed
+before the watch starts leaves the rank orphaned and unwatched, so
+scripts/run_dpo.py starts it first thing, before the heavy imports.
 (multiprocessing's resource tracker ends by itself once every process holding
 its pipe has ended.)
 """

@@ -9,7 +9,7 @@ an uninterrupted run.
 
 A kill strikes at a random delay after one of three moments, so that it lands
 in start-up, in a training step or in a checkpoint write whatever the load on
-the machine: the process start, its first new complete checkpoint (so every
+the machine: the start of both ranks, its first new complete checkpoint (so every
 such restart makes progress), or the start of a checkpoint write (a
 ``.tmp_step_N`` directory appears).
 """
@@ -74,9 +74,9 @@ def _timed_reference(run_dir: str, log_path: str):
     return first_step, (time.monotonic() - start - first_step) / (NUM_STEPS - 1)
 
 
-def _happened(event: str, run_dir: str, log_path: str, next_step: int) -> bool:
-    if event == "start":
-        return True
+def _happened(event: str, agent: subprocess.Popen, run_dir: str, log_path: str, next_step: int) -> bool:
+    if event == "start":  # both ranks spawned (a loaded machine may take seconds)
+        return len(_ranks(agent, _tree(agent))) == 2
     # The banner follows the tidying of the run dir (a killed run's .tmp_* and
     # metrics records past its checkpoint are gone by then).
     if "megatron_dpo: " not in open(log_path).read():
@@ -93,16 +93,23 @@ def _tree(agent: subprocess.Popen):
         return []
 
 
+def _ranks(agent: subprocess.Popen, processes: list) -> list:
+    try:
+        return [p for p in processes[1:] if p.ppid() == agent.pid]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def _kill(agent: subprocess.Popen, run_dir: str, log_path: str, what: str, event: str, delay: float,
           next_step: int, rng: random.Random) -> None:
     """SIGKILL the agent or one rank ``delay`` s after ``event``; then every
     process of the run must be gone within GRACE_S."""
-    while not _happened(event, run_dir, log_path, next_step):
+    while not _happened(event, agent, run_dir, log_path, next_step):
         assert agent.poll() is None, f"the run finished before the kill after {event}"
-        time.sleep(0.002)
+        time.sleep(0.02 if event == "start" else 0.002)
     time.sleep(delay)
     processes = _tree(agent)
-    ranks = [p for p in processes[1:] if p.ppid() == agent.pid]
+    ranks = _ranks(agent, processes)
     assert agent.poll() is None and len(ranks) == 2, f"the run finished before the kill after {event}"
     victim = agent.pid if what == "kill_agent" else rng.choice(ranks).pid
     os.kill(victim, signal.SIGKILL)

@@ -75,3 +75,23 @@ def test_helpers_of_a_killed_rank_end_with_it(tmp_path, cleanup):
     os.kill(ranks[0].pid, signal.SIGKILL)
     left = _wait_gone(helpers + [ranks[1]], agent)
     assert not left, f"alive {GRACE_S} s after SIGKILL of rank 0: {[p.cmdline()[:4] for p in left]}"
+
+
+def test_ranks_end_when_their_agent_is_killed_during_their_imports(tmp_path, cleanup):
+    """The agent dies half a second after spawning its ranks, while they still
+    import torch and megatron: they must still notice (the watch starts first)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               RUN_DPO, "--config", os.path.join(REPO, "configs", "dpo.yaml"), *TINY_OVERRIDES,
+               f"checkpointing.checkpoint_dir={tmp_path / 'run'}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **CPU_ENV)
+    with open(tmp_path / "log", "w") as log:
+        agent = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while len(ranks := psutil.Process(agent.pid).children()) < 2:
+        assert agent.poll() is None and time.time() < deadline, open(tmp_path / "log").read()[-3000:]
+        time.sleep(0.01)
+    cleanup.extend(ranks)
+    time.sleep(0.5)
+    os.kill(agent.pid, signal.SIGKILL)
+    left = _wait_gone(ranks, agent)
+    assert not left, f"alive {GRACE_S} s after the agent's SIGKILL: {[p.cmdline()[:4] for p in left]}"
