@@ -77,18 +77,29 @@ def _data_parallel_group():
 def save_policy(chunks: List[torch.nn.Module], optimizer, directory: str,
                 optimizer_format: str = "dp_reshardable") -> None:
     """Collective: every rank writes its shards of model and optimizer state.
-    Not yet wrapped in megatron's FullyParallelSaveStrategyWrapper: with it, on
-    a full disk (tests/e2e/test_integrity.py) one rank was still running when
-    torchrun stopped the other; not yet investigated (that test fails on this
-    machine without the wrapper too: torchrun exits 1, not 4)."""
+    Fully parallel, as Megatron-LM's ``--ckpt-fully-parallel-save``: a tensor
+    replicated over the data-parallel group is written once, by one DP rank,
+    the writes spread evenly over them. A failed write raises only after
+    the save's collectives (parallel/compat.py: the writes rank 0 makes
+    alone), so that the caller can tell every rank."""
     from megatron.core import dist_checkpointing
+
+    from megatron_dpo.parallel import compat
 
     finish_param_sync(chunks)
     metadata = {SHARDING_KEY: optimizer_format}
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
-    dist_checkpointing.save(state, directory, content_metadata=metadata)
+    with compat.single_rank_write_errors_deferred():
+        dist_checkpointing.save(state, directory, sharded_strategy=_save_strategy(), content_metadata=metadata)
+
+
+def _save_strategy():
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _data_parallel_group())
 
 
 def saved_optimizer_format(directory: str) -> str:
