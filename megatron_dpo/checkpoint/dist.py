@@ -5,7 +5,7 @@ at one TP/PP/VPP layout loads into any other (reshard on load). This is the
 ``policy/`` directory of a step directory (checkpoint/files.py).
 """
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 import torch
 
@@ -15,6 +15,10 @@ from megatron_dpo.models.lora import has_adapters
 # in the checkpoint's content metadata (no metadata fails to save, DESIGN.md).
 SHARDING_KEY = "distrib_optim_sharding_type"
 OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
+# Transformer Engine's and megatron's local layer specs write the same keys
+# except for modules' extra state (TE's FP8 metadata; Megatron-LM PR 6270):
+# loading across specs tolerates these, and nothing else.
+EXTRA_STATE = "._extra_state"
 
 
 def checkpoint_errors() -> tuple:
@@ -50,11 +54,11 @@ def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, dict]:
 
 
 def _load_into(chunk: torch.nn.Module, state: dict) -> None:
-    if not has_adapters(chunk):
-        _unwrap_ddp(chunk).load_state_dict(state)
-        return
+    """Load a chunk's loaded state; an ``_extra_state`` the checkpoint lacks
+    (written with the other layer spec) keeps the module's own, empty one."""
     result = _unwrap_ddp(chunk).load_state_dict(state, strict=False)
-    missing = [key for key in result.missing_keys if ".lora." in key]
+    missing = [key for key in result.missing_keys if not key.endswith(EXTRA_STATE)
+               and (".lora." in key or not has_adapters(chunk))]
     assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
 
 
@@ -115,8 +119,55 @@ def _load(request: dict, directory: str) -> dict:
     from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
 
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
     strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(directory), _data_parallel_group())
-    return dist_checkpointing.load(request, directory, sharded_strategy=strategy)
+    loaded, missing, unexpected = dist_checkpointing.load(request, directory, sharded_strategy=strategy,
+                                                          strict=StrictHandling.RETURN_ALL)
+    everyones_unexpected = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyones_unexpected, sorted(unexpected))  # differ by rank
+    problem = key_mismatch(missing, set().union(*everyones_unexpected), loads_optimizer="optimizer" in request,
+                           adapters_only=_adapters_only(request))
+    if problem:
+        from megatron.core.dist_checkpointing.core import CheckpointingException
+
+        raise CheckpointingException(f"{directory}: {problem}")
+    return loaded
+
+
+def _adapters_only(request: dict) -> bool:
+    model_keys = [key for name, state in request.items() if name != "optimizer" for key in state]
+    return bool(model_keys) and all(".lora." in key for key in model_keys)
+
+
+def key_mismatch(missing: Set[str], unexpected: Set[str], loads_optimizer: bool, adapters_only: bool) -> Optional[str]:
+    """What is wrong with the keys of a load, or None. ``missing``: in the
+    checkpoint but not requested; ``unexpected``: requested but not in the
+    checkpoint (dist_checkpointing's StrictHandling.RETURN_ALL names).
+    ``_extra_state`` keys on one side only are fine (the other layer spec),
+    and so are the checkpoint's optimizer state when only weights are loaded
+    and its base weights when only LoRA adapters are."""
+    def matters(key: str) -> bool:
+        if key.endswith(EXTRA_STATE) or ("/" in key and key.rsplit("/", 1)[0].endswith(EXTRA_STATE)):
+            return False
+        if key.startswith("optimizer."):
+            return loads_optimizer
+        return ".lora." in key or not adapters_only
+
+    missing, unexpected = sorted(filter(matters, missing)), sorted(filter(matters, unexpected))
+    parts = []
+    if unexpected:
+        parts.append(f"{len(unexpected)} key(s) this model has are not in the checkpoint: {_shown(unexpected)}")
+    if missing:
+        parts.append(f"{len(missing)} key(s) of the checkpoint have no place in this model: {_shown(missing)}")
+    if not parts:
+        return None
+    return ("; ".join(parts) + ". The checkpoint was written for another model or layer layout (only "
+            "_extra_state keys may differ, between Transformer Engine's and the local layer spec).")
+
+
+def _shown(keys: List[str]) -> str:
+    return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
 
 
 def load_model_weights(chunks: List[torch.nn.Module], directory: str) -> None:

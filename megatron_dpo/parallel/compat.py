@@ -323,7 +323,7 @@ def _patch_safe_loading() -> None:
 # (serialization.save_config, before a barrier). If one of them fails (a full
 # disk), rank 0 raises out of the save while the other ranks wait in the next
 # collective: the job hangs until the process-group timeout
-# (tests/distributed/test_checkpoint_save.py reproduces each; no upstream
+# (tests/distributed/test_checkpoint_dist.py reproduces each; no upstream
 # issue found; shard writes are fine: DCP gathers their results). The fix,
 # active everywhere: inside ``single_rank_write_errors_deferred()`` these
 # writes record an OSError instead of raising, so the failing rank completes
