@@ -79,13 +79,18 @@ def _data_parallel_group():
 
 
 def save_policy(chunks: List[torch.nn.Module], optimizer, directory: str,
-                optimizer_format: str = "dp_reshardable") -> None:
+                optimizer_format: str = "dp_reshardable", async_queue=None) -> None:
     """Collective: every rank writes its shards of model and optimizer state.
     Fully parallel, as Megatron-LM's ``--ckpt-fully-parallel-save``: a tensor
     replicated over the data-parallel group is written once, by one DP rank,
     the writes spread evenly over them. A failed write raises only after
     the save's collectives (parallel/compat.py: the writes rank 0 makes
-    alone), so that the caller can tell every rank."""
+    alone), so that the caller can tell every rank.
+
+    ``async_queue``: a megatron-core ``AsyncCallsQueue``; the shards are then
+    written by a forked process (a copy-on-write snapshot of this moment's
+    tensors; on GPU they are first copied to host memory) and the directory
+    is complete only after ``finish_async_saves``."""
     from megatron.core import dist_checkpointing
 
     from megatron_dpo.parallel import compat
@@ -96,7 +101,27 @@ def save_policy(chunks: List[torch.nn.Module], optimizer, directory: str,
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
     with compat.single_rank_write_errors_deferred():
-        dist_checkpointing.save(state, directory, sharded_strategy=_save_strategy(), content_metadata=metadata)
+        request = dist_checkpointing.save(state, directory, sharded_strategy=_save_strategy(),
+                                          content_metadata=metadata, async_sharded_save=async_queue is not None)
+    if async_queue is not None:
+        async_queue.schedule_async_request(request)
+
+
+def async_calls_queue():
+    """megatron-core's queue of async saves (a forked writer per save)."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    return AsyncCallsQueue()
+
+
+def finish_async_saves(async_queue) -> None:
+    """Collective: wait for the queue's saves and finalize them (each rank's
+    write results gathered, DCP's .metadata and metadata.json written); a
+    failure on any rank raises on every rank, as for a synchronous save."""
+    from megatron_dpo.parallel import compat
+
+    with compat.single_rank_write_errors_deferred():
+        async_queue.maybe_finalize_async_calls(blocking=True)
 
 
 def _save_strategy():
