@@ -127,10 +127,12 @@ class Trainer:
                                              run.dims.rank, ModelFiles(run.cfg, run.arch, run.tokenizer),
                                              optimizer_format, self.async_queue)
         self.save_seconds = time.perf_counter() - start
-        if self.async_queue is None:
-            self._complete_save()
+        if self.async_queue is None or not self.max_save_seconds:
+            # An async run waits for its first save in full: the time budget
+            # (checkpoint_must_save_by) needs how long a whole save takes.
+            self._complete_save(background=False)
 
-    def _complete_save(self) -> None:
+    def _complete_save(self, background: bool = True) -> None:
         """Collective: make the pending checkpoint a complete step_N/."""
         pending, self.pending_save = self.pending_save, None
         if pending is None:
@@ -148,8 +150,8 @@ class Trainer:
         self.last_saved_step = pending.step
         seconds = self.save_seconds + time.perf_counter() - start
         self.max_save_seconds = max(self.max_save_seconds, seconds)
-        self._write(f"saved checkpoint {path} in {seconds:.1f} s" + (
-            "" if self.async_queue is None else " (training waited for it that long; written in the background)"))
+        self._write(f"saved checkpoint {path} (written in the background; training waited {seconds:.1f} s)"
+                    if background else f"saved checkpoint {path} in {seconds:.1f} s")
 
     def _count_skipped(self, metrics: Dict[str, float]) -> None:
         state = self.state
