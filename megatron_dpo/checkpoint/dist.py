@@ -143,7 +143,6 @@ def _load(request: dict, directory: str) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
-
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(directory), _data_parallel_group())
