@@ -5,7 +5,7 @@ at one TP/PP/VPP layout loads into any other (reshard on load). This is the
 ``policy/`` directory of a step directory (checkpoint/files.py).
 """
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 import torch
 
@@ -15,6 +15,10 @@ from megatron_dpo.models.lora import has_adapters
 # in the checkpoint's content metadata (no metadata fails to save, DESIGN.md).
 SHARDING_KEY = "distrib_optim_sharding_type"
 OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
+# Transformer Engine's and megatron's local layer specs write the same keys
+# except for modules' extra state (TE's FP8 metadata; Megatron-LM PR 6270):
+# loading across specs tolerates these, and nothing else.
+EXTRA_STATE = "._extra_state"
 
 
 def checkpoint_errors() -> tuple:
@@ -50,11 +54,11 @@ def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, dict]:
 
 
 def _load_into(chunk: torch.nn.Module, state: dict) -> None:
-    if not has_adapters(chunk):
-        _unwrap_ddp(chunk).load_state_dict(state)
-        return
+    """Load a chunk's loaded state; an ``_extra_state`` the checkpoint lacks
+    (written with the other layer spec) keeps the module's own, empty one."""
     result = _unwrap_ddp(chunk).load_state_dict(state, strict=False)
-    missing = [key for key in result.missing_keys if ".lora." in key]
+    missing = [key for key in result.missing_keys if not key.endswith(EXTRA_STATE)
+               and (".lora." in key or not has_adapters(chunk))]
     assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
 
 
@@ -75,20 +79,56 @@ def _data_parallel_group():
 
 
 def save_policy(chunks: List[torch.nn.Module], optimizer, directory: str,
-                optimizer_format: str = "dp_reshardable") -> None:
+                optimizer_format: str = "dp_reshardable", async_queue=None) -> None:
     """Collective: every rank writes its shards of model and optimizer state.
-    Not yet wrapped in megatron's FullyParallelSaveStrategyWrapper: with it, on
-    a full disk (tests/e2e/test_integrity.py) one rank was still running when
-    torchrun stopped the other; not yet investigated (that test fails on this
-    machine without the wrapper too: torchrun exits 1, not 4)."""
+    Fully parallel, as Megatron-LM's ``--ckpt-fully-parallel-save``: a tensor
+    replicated over the data-parallel group is written once, by one DP rank,
+    the writes spread evenly over them. A failed write raises only after
+    the save's collectives (parallel/compat.py: the writes rank 0 makes
+    alone), so that the caller can tell every rank.
+
+    ``async_queue``: a megatron-core ``AsyncCallsQueue``; the shards are then
+    written by a forked process (a copy-on-write snapshot of this moment's
+    tensors; on GPU they are first copied to host memory) and the directory
+    is complete only after ``finish_async_saves``."""
     from megatron.core import dist_checkpointing
+
+    from megatron_dpo.parallel import compat
 
     finish_param_sync(chunks)
     metadata = {SHARDING_KEY: optimizer_format}
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
-    dist_checkpointing.save(state, directory, content_metadata=metadata)
+    with compat.single_rank_write_errors_deferred():
+        request = dist_checkpointing.save(state, directory, sharded_strategy=_save_strategy(),
+                                          content_metadata=metadata, async_sharded_save=async_queue is not None)
+    if async_queue is not None:
+        async_queue.schedule_async_request(request)
+
+
+def async_calls_queue():
+    """megatron-core's queue of async saves (a forked writer per save)."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    return AsyncCallsQueue()
+
+
+def finish_async_saves(async_queue) -> None:
+    """Collective: wait for the queue's saves and finalize them (each rank's
+    write results gathered, DCP's .metadata and metadata.json written); a
+    failure on any rank raises on every rank, as for a synchronous save."""
+    from megatron_dpo.parallel import compat
+
+    with compat.single_rank_write_errors_deferred():
+        async_queue.maybe_finalize_async_calls(blocking=True)
+
+
+def _save_strategy():
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _data_parallel_group())
 
 
 def saved_optimizer_format(directory: str) -> str:
@@ -103,9 +143,55 @@ def _load(request: dict, directory: str) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(directory), _data_parallel_group())
-    return dist_checkpointing.load(request, directory, sharded_strategy=strategy)
+    loaded, missing, unexpected = dist_checkpointing.load(request, directory, sharded_strategy=strategy,
+                                                          strict=StrictHandling.RETURN_ALL)
+    everyones_unexpected = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyones_unexpected, sorted(unexpected))  # differ by rank
+    problem = key_mismatch(missing, set().union(*everyones_unexpected), loads_optimizer="optimizer" in request,
+                           adapters_only=_adapters_only(request))
+    if problem:
+        from megatron.core.dist_checkpointing.core import CheckpointingException
+
+        raise CheckpointingException(f"{directory}: {problem}")
+    return loaded
+
+
+def _adapters_only(request: dict) -> bool:
+    model_keys = [key for name, state in request.items() if name != "optimizer" for key in state]
+    return bool(model_keys) and all(".lora." in key for key in model_keys)
+
+
+def key_mismatch(missing: Set[str], unexpected: Set[str], loads_optimizer: bool, adapters_only: bool) -> Optional[str]:
+    """What is wrong with the keys of a load, or None. ``missing``: in the
+    checkpoint but not requested; ``unexpected``: requested but not in the
+    checkpoint (dist_checkpointing's StrictHandling.RETURN_ALL names).
+    ``_extra_state`` keys on one side only are fine (the other layer spec),
+    and so are the checkpoint's optimizer state when only weights are loaded
+    and its base weights when only LoRA adapters are."""
+    def matters(key: str) -> bool:
+        if key.endswith(EXTRA_STATE) or ("/" in key and key.rsplit("/", 1)[0].endswith(EXTRA_STATE)):
+            return False
+        if key.startswith("optimizer."):
+            return loads_optimizer
+        return ".lora." in key or not adapters_only
+
+    missing, unexpected = sorted(filter(matters, missing)), sorted(filter(matters, unexpected))
+    parts = []
+    if unexpected:
+        parts.append(f"{len(unexpected)} key(s) this model has are not in the checkpoint: {_shown(unexpected)}")
+    if missing:
+        parts.append(f"{len(missing)} key(s) of the checkpoint have no place in this model: {_shown(missing)}")
+    if not parts:
+        return None
+    return ("; ".join(parts) + ". The checkpoint was written for another model or layer layout (only "
+            "_extra_state keys may differ, between Transformer Engine's and the local layer spec).")
+
+
+def _shown(keys: List[str]) -> str:
+    return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
 
 
 def load_model_weights(chunks: List[torch.nn.Module], directory: str) -> None:

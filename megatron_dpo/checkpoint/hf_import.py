@@ -4,7 +4,8 @@ The output has a training step directory's layout (``policy/`` with key
 "model", ``model_arch.json``, ``tokenizer/``), so ``policy.model_name=<out>``
 loads it at any TP/PP/VPP (dist_checkpointing reshards on load).
 
-Design: one process builds the model at TP1/PP1, streams the HF tensors into
+Design: one process builds the model at TP1/PP1 on the CPU (on a GPU node
+too: models/build.py, ``for_conversion``), streams the HF tensors into
 it one at a time (``checkpoint.source``), and saves it with the same
 ``save_policy`` training uses, so the files are exactly what a TP1 run would
 write. Peak memory is one copy of the model in the checkpoint's dtype (bf16
@@ -56,7 +57,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str) -> str:
     with hf_io.HFCheckpoint(hf_dir) as checkpoint:
         precision = _precision(checkpoint.dtype(), hf_dir)
     dims = init_parallel(ParallelDims.of_sizes(world_size=1), seed=0)
-    chunks = build_model(arch, dims, precision, trainable=False)
+    chunks = build_model(arch, dims, precision, trainable=False, for_conversion=True)
     load_source_weights(chunks, ModelSource("hf", hf_dir, arch, hf_dir), dims, seed=0)
     tmp = out_dir.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)

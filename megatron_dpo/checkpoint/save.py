@@ -4,7 +4,9 @@ Every rank writes its shards into ``.tmp_step_N/`` and hashes them while they
 are in its page cache; after a barrier rank 0 writes the small files, then
 the manifest of every file (checkpoint/manifest.py) last, and renames the
 directory to ``step_N/`` with one ``os.replace`` (atomic within a file
-system). A reader therefore only ever sees complete step directories, and can
+system). With ``checkpointing.async_save`` the shards are written in the
+background (``start_checkpoint``), and all of this after they are finalized
+(``complete_checkpoint``): nothing is hashed, listed or renamed before. A reader therefore only ever sees complete step directories, and can
 check every byte of one against its manifest. A process killed
 mid-save leaves a ``.tmp_*`` directory: ``remove_incomplete`` deletes it
 before the next run looks for a checkpoint. Pruning renames a directory to
@@ -12,6 +14,7 @@ before the next run looks for a checkpoint. Pruning renames a directory to
 File names: checkpoint/files.py.
 """
 
+import copy
 import json
 import math
 import os
@@ -22,7 +25,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_dpo.checkpoint.dist import checkpoint_errors, save_policy
+from megatron_dpo.checkpoint.dist import checkpoint_errors, finish_async_saves, save_policy
 from megatron_dpo.checkpoint.errors import CheckpointSaveError
 from megatron_dpo.checkpoint.files import (
     ARCH_FILE, CONFIG_FILE, STEP_DIR, TMP_PREFIX, TOKENIZER_DIR, TRAIN_STATE_FILE, is_complete, policy_dir,
@@ -79,6 +82,20 @@ def remove_incomplete(checkpoint_dir: str) -> List[str]:
     return names
 
 
+@dataclass
+class PendingCheckpoint:
+    """A step directory whose shards are being written (``start_checkpoint``);
+    ``complete_checkpoint`` makes it a complete ``step_N/``."""
+
+    checkpoint_dir: str
+    step: int
+    rank: int
+    train_state: dict  # with the scheduler's state, as of the save
+    model_files: ModelFiles
+    async_queue: object  # megatron-core's AsyncCallsQueue, or None (shards written)
+    problem: Optional[str] = None  # a failure every rank already knows of
+
+
 def save_checkpoint(checkpoint_dir: str, step: int, chunks: List[torch.nn.Module], optimizer, scheduler,
                     train_state: dict, rank: int, model_files: ModelFiles,
                     optimizer_format: str = "dp_reshardable") -> str:
@@ -86,14 +103,39 @@ def save_checkpoint(checkpoint_dir: str, step: int, chunks: List[torch.nn.Module
     scheduler state, ``train_state`` and ``model_files``; returns its path.
     A write that fails on any rank (a full disk, a quota) raises
     CheckpointSaveError on every rank, with the half-written directory removed."""
+    return complete_checkpoint(start_checkpoint(checkpoint_dir, step, chunks, optimizer, scheduler, train_state,
+                                                rank, model_files, optimizer_format))
+
+
+def start_checkpoint(checkpoint_dir: str, step: int, chunks: List[torch.nn.Module], optimizer, scheduler,
+                     train_state: dict, rank: int, model_files: ModelFiles,
+                     optimizer_format: str = "dp_reshardable", async_queue=None) -> PendingCheckpoint:
+    """Collective: ``save_checkpoint`` up to the shards. With ``async_queue``
+    (checkpointing.async_save) they are still being written when it returns;
+    the RNG files and a copy of the train and scheduler state are taken now."""
+    tmp = tmp_step_dir(checkpoint_dir, step)
+    state = copy.deepcopy(dict(train_state, scheduler=scheduler.state_dict() if scheduler is not None else None))
+    pending = PendingCheckpoint(checkpoint_dir, step, rank, state, model_files, async_queue)
+    pending.problem = _on_every_rank(lambda: _prepare_tmp(tmp) if rank == 0 else None)
+    if pending.problem is None:
+        pending.problem = _on_every_rank(lambda: _write_shards(tmp, rank, chunks, optimizer, optimizer_format,
+                                                               async_queue))
+    return pending
+
+
+def complete_checkpoint(pending: PendingCheckpoint) -> str:
+    """Collective: wait for the shards, then (rank 0) the small files, the
+    manifest and the rename; returns the ``step_N/`` path. Raises
+    CheckpointSaveError on every rank when any rank's write failed."""
+    checkpoint_dir, step, rank = pending.checkpoint_dir, pending.step, pending.rank
     final, tmp = step_dir(checkpoint_dir, step), tmp_step_dir(checkpoint_dir, step)
-    problem = _on_every_rank(lambda: _prepare_tmp(tmp) if rank == 0 else None)
-    if problem is None:
-        problem = _on_every_rank(lambda: _write_shards(tmp, rank, chunks, optimizer, optimizer_format))
+    problem = pending.problem
+    if problem is None and pending.async_queue is not None:
+        problem = _on_every_rank(lambda: finish_async_saves(pending.async_queue))
     if problem is None:
         entries = [None] * dist.get_world_size()
         dist.all_gather_object(entries, file_entries(tmp, rank_files(tmp, rank)))
-        problem = _on_every_rank(lambda: _publish(tmp, final, entries, train_state, scheduler, model_files)
+        problem = _on_every_rank(lambda: _publish(tmp, final, entries, pending.train_state, pending.model_files)
                                  if rank == 0 else None)
     if problem is not None:
         if rank == 0:
@@ -137,18 +179,18 @@ def _prepare_tmp(tmp: str) -> None:
     os.makedirs(policy_dir(tmp))
 
 
-def _write_shards(tmp: str, rank: int, chunks: List[torch.nn.Module], optimizer, optimizer_format: str) -> None:
-    save_policy(chunks, optimizer, policy_dir(tmp), optimizer_format)
+def _write_shards(tmp: str, rank: int, chunks: List[torch.nn.Module], optimizer, optimizer_format: str,
+                  async_queue) -> None:
+    save_policy(chunks, optimizer, policy_dir(tmp), optimizer_format, async_queue)
     save_rng(tmp, rank)
 
 
-def _publish(tmp: str, final: str, entries: List[dict], train_state: dict, scheduler,
-             model_files: ModelFiles) -> None:
+def _publish(tmp: str, final: str, entries: List[dict], train_state: dict, model_files: ModelFiles) -> None:
     """Rank 0: the small files, the manifest last, then the rename."""
     save_config(model_files.config, os.path.join(tmp, CONFIG_FILE))
     _write_json(os.path.join(tmp, ARCH_FILE), model_files.arch.to_dict())
     model_files.tokenizer.save_pretrained(os.path.join(tmp, TOKENIZER_DIR))
-    _write_json(os.path.join(tmp, TRAIN_STATE_FILE), dict(train_state, scheduler=scheduler.state_dict()))
+    _write_json(os.path.join(tmp, TRAIN_STATE_FILE), train_state)
     write_manifest(tmp, {name: entry for rank_entries in entries for name, entry in rank_entries.items()})
     # Fails loudly rather than replace an existing step_N (resume moves newer
     # step dirs aside, so a run never saves a step twice).

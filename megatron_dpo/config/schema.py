@@ -225,6 +225,10 @@ class CheckpointingConfig:
     # the save all-gathers each TP/PP shard's optimizer state to every DP rank
     # (~24 GB per rank for 8B at TP4).
     optimizer_format: str = "dp_reshardable"
+    # Write a checkpoint's shards in a background process while training goes
+    # on (megatron-core's async save); the step dir is completed (manifest,
+    # rename) before the next save, and at the end of the run.
+    async_save: bool = False
 
 
 @dataclass

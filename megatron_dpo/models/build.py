@@ -10,11 +10,15 @@ from typing import List, Optional
 import torch
 
 from megatron_dpo.models.architecture import ModelArchitecture
-from megatron_dpo.models.kernels import KernelPlan, detect_env, resolve_kernels
+from megatron_dpo.models.kernels import KernelEnv, KernelPlan, detect_env, resolve_kernels
 from megatron_dpo.parallel.dims import ParallelDims
 from megatron_dpo.parallel.init import get_device
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Conversion builds megatron's local spec on the CPU on any node (see
+# parallel.init.device_type); its checkpoint loads into either spec
+# (checkpoint/dist.py tolerates the ``_extra_state`` keys they differ in).
+CONVERSION_KERNELS = resolve_kernels({}, KernelEnv(te=False, cuda=False, wgrad_kernel=False))
 
 
 def transformer_engine_available() -> bool:
@@ -50,8 +54,11 @@ def transformer_config(
     sequence_parallel: bool = False,
     activation_checkpointing: bool = False,
     fusions: Optional[dict] = None,
+    use_cpu_initialization: bool = False,
 ):
-    """``fusions``: KernelPlan.fusions (models/kernels.py); None: all off."""
+    """``fusions``: KernelPlan.fusions (models/kernels.py); None: all off.
+    ``use_cpu_initialization``: megatron allocates and initialises on the CPU
+    (conversion), not on ``torch.cuda.current_device()``."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_dpo.models.kernels import FUSIONS
@@ -97,6 +104,7 @@ def transformer_config(
         # megatron only tags TP params (tensor_model_parallel, partition_dim),
         # which DDP, grad clipping and sharding rely on, when it initialises them.
         perform_initialization=True,
+        use_cpu_initialization=use_cpu_initialization,
     )
 
 
@@ -109,8 +117,10 @@ def build_model(
     trainable: bool = True,
     prefix_sharing: bool = False,
     kernels: Optional[KernelPlan] = None,
+    for_conversion: bool = False,
 ) -> List[torch.nn.Module]:
-    """This rank's model chunks (one per virtual pipeline stage), on the run device.
+    """This rank's model chunks (one per virtual pipeline stage), on the run
+    device; ``for_conversion``: on the CPU with the local spec, on any node.
 
     bf16 models are wrapped in megatron's Float16Module, which casts inputs and
     keeps the last stage's logits in fp32. ``prefix_sharing``: the model will
@@ -122,9 +132,12 @@ def build_model(
 
     from megatron_dpo.models.attention import PositionedGPTModel
 
+    if for_conversion:
+        kernels = CONVERSION_KERNELS
     kernels = kernels or resolve_kernels({}, detect_env())
+    device = get_device(for_conversion)
     config = transformer_config(arch, ctx, precision, sequence_parallel, activation_checkpointing,
-                                kernels.fusions)
+                                kernels.fusions, use_cpu_initialization=for_conversion)
     spec = layer_spec(arch, kernels.use_te, prefix_sharing)
     num_chunks = ctx.vpp_size or 1
     chunks = []
@@ -145,7 +158,7 @@ def build_model(
             rope_scaling_factor=arch.rope_scaling_factor or 8.0,
             vp_stage=vp,
         )
-        model.to(get_device())
+        model.to(device)
         if precision == "bfloat16":
             model = Float16Module(config, model)
         if not trainable:

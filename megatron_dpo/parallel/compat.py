@@ -17,6 +17,7 @@ project's process-group setup (``parallel.init``) calls it. Nowhere else in
 the project patches a library.
 """
 
+import contextlib
 import copy
 import functools
 import importlib.util
@@ -313,6 +314,65 @@ def _patch_safe_loading() -> None:
             TransformerEngineBaseModule.set_extra_state)
 
 
+# -- Checkpoint writes that one rank makes alone ------------------------------
+# megatron-core 0.16.1's dist_checkpointing.save has three writes that rank 0
+# (the coordinator) makes alone, between collectives: common.pt
+# (TorchCommonSaveStrategy.save_common), DCP's .metadata (FileSystemWriterAsync
+# .finish, inside save_state_dict_async_finalize, before the broadcast that
+# tells the other ranks whether the save failed) and metadata.json
+# (serialization.save_config, before a barrier). If one of them fails (a full
+# disk), rank 0 raises out of the save while the other ranks wait in the next
+# collective: the job hangs until the process-group timeout
+# (tests/distributed/test_checkpoint_dist.py reproduces each; no upstream
+# issue found; shard writes are fine: DCP gathers their results). The fix,
+# active everywhere: inside ``single_rank_write_errors_deferred()`` these
+# writes record an OSError instead of raising, so the failing rank completes
+# the save's collectives, and the error is raised when the scope ends, where
+# the caller can tell every rank (checkpoint/save.py, _on_every_rank).
+_deferred_write_errors = None
+
+
+def _deferrable(write):
+    @functools.wraps(write)
+    def wrapper(*args, **kwargs):
+        if _deferred_write_errors is None:
+            return write(*args, **kwargs)
+        try:
+            return write(*args, **kwargs)
+        except OSError as error:
+            _deferred_write_errors.append(error)
+            return None
+
+    wrapper.defers_write_errors = True
+    return wrapper
+
+
+@contextlib.contextmanager
+def single_rank_write_errors_deferred():
+    """Scope a dist_checkpointing save (or the finalization of an async one):
+    an OSError of a write that one rank makes alone is raised when the scope
+    ends, after the save's collectives, instead of in their middle."""
+    global _deferred_write_errors
+    errors = _deferred_write_errors = []
+    try:
+        yield
+    finally:
+        _deferred_write_errors = None
+    if errors:
+        raise errors[0]
+
+
+def _patch_single_rank_checkpoint_writes() -> None:
+    from megatron.core.dist_checkpointing import serialization
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    for owner, name in ((TorchCommonSaveStrategy, "save_common"), (FileSystemWriterAsync, "finish"),
+                        (serialization, "save_config")):
+        if not getattr(getattr(owner, name), "defers_write_errors", False):
+            setattr(owner, name, _deferrable(getattr(owner, name)))
+
+
 def apply() -> None:
     """Adapt megatron-core to this machine. Safe to call more than once."""
     global _applied
@@ -323,4 +383,5 @@ def apply() -> None:
         _patch_torch_for_cpu()
         _patch_megatron_for_cpu()
     _patch_safe_loading()
+    _patch_single_rank_checkpoint_writes()
     _applied = True

@@ -19,9 +19,17 @@ from megatron_dpo.parallel import compat
 from megatron_dpo.parallel.dims import ParallelDims
 
 
-def get_device() -> torch.device:
-    """The device this rank computes on. Nothing else in the project names one."""
-    if compat.cuda_available():
+def device_type(cuda_available: bool, for_conversion: bool = False) -> str:
+    """"cuda" where a rank trains on a GPU node, else "cpu". Conversion (HF <->
+    megatron) moves weights and computes nothing: it builds on the CPU whatever
+    the node has, so a 70B model is never put on one GPU."""
+    return "cuda" if cuda_available and not for_conversion else "cpu"
+
+
+def get_device(for_conversion: bool = False) -> torch.device:
+    """The device this rank computes on (``for_conversion``: builds a model
+    to convert on). Nothing else in the project names one."""
+    if device_type(compat.cuda_available(), for_conversion) == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -23,7 +23,10 @@ from megatron_dpo.checkpoint.files import CONFIG_FILE, is_complete, step_dir
 from megatron_dpo.checkpoint.hf_export import megatron_to_hf
 from megatron_dpo.checkpoint.lora_export import export_adapter, export_merged
 from megatron_dpo.checkpoint.errors import CheckpointSaveError
-from megatron_dpo.checkpoint.save import ModelFiles, prune_checkpoints, save_checkpoint
+from megatron_dpo.checkpoint.dist import async_calls_queue
+from megatron_dpo.checkpoint.save import (
+    ModelFiles, PendingCheckpoint, complete_checkpoint, prune_checkpoints, start_checkpoint,
+)
 from megatron_dpo.config.load import config_to_dict, save_config
 from megatron_dpo.config.schema import Config
 from megatron_dpo.data import PairSampler
@@ -70,6 +73,9 @@ class Trainer:
         self.stop_requests = stop_requests
         self.max_iteration_seconds = 0.0
         self.max_save_seconds = 0.0
+        self.save_seconds = 0.0  # the pending save's time so far
+        self.pending_save: Optional[PendingCheckpoint] = None
+        self.async_queue = async_calls_queue() if run.cfg.checkpointing.async_save else None
         self.start_time = time.perf_counter()
         self.total_tokens = 0.0
 
@@ -99,12 +105,16 @@ class Trainer:
         self.metrics_logger.log(self.step, split, metrics)
 
     def _save(self) -> None:
-        if not self.cfg.checkpointing.enabled or self.last_saved_step == self.step:
+        """Collective: checkpoint this step (checkpointing.async_save: start
+        it, and complete the one before)."""
+        pending = self.pending_save
+        if not self.cfg.checkpointing.enabled or self.step in (self.last_saved_step, pending and pending.step):
             return
         if self.state.consecutive_nonfinite:  # never checkpoint a step whose loss or gradient norm was NaN/inf
             self._write(f"step {self.step} had a non-finite loss or gradient norm: not saved (the last saved "
                         f"step is {self.last_saved_step})")
             return
+        self._complete_save()
         start = time.perf_counter()
         run = self.run
         state = checkpoint_state(run.dims, self.state, self.sampler, self.fingerprints, json_safe(self.step_metrics))
@@ -113,9 +123,23 @@ class Trainer:
         # plain optimizer's is sharded like the model and reshards anyway.
         distributed = self.cfg.policy.megatron_cfg.optimizer.use_distributed_optimizer
         optimizer_format = self.cfg.checkpointing.optimizer_format if distributed else "fully_reshardable"
+        self.pending_save = start_checkpoint(self.run_dir, self.step, run.policy, run.optimizer, run.scheduler, state,
+                                             run.dims.rank, ModelFiles(run.cfg, run.arch, run.tokenizer),
+                                             optimizer_format, self.async_queue)
+        self.save_seconds = time.perf_counter() - start
+        if self.async_queue is None or not self.max_save_seconds:
+            # An async run waits for its first save in full: the time budget
+            # (checkpoint_must_save_by) needs how long a whole save takes.
+            self._complete_save(background=False)
+
+    def _complete_save(self, background: bool = True) -> None:
+        """Collective: make the pending checkpoint a complete step_N/."""
+        pending, self.pending_save = self.pending_save, None
+        if pending is None:
+            return
+        start = time.perf_counter()
         try:
-            path = save_checkpoint(self.run_dir, self.step, run.policy, run.optimizer, run.scheduler, state,
-                                   run.dims.rank, ModelFiles(run.cfg, run.arch, run.tokenizer), optimizer_format)
+            path = complete_checkpoint(pending)
         except CheckpointSaveError as error:
             newest = "no complete checkpoint yet" if self.last_saved_step is None else (
                 f"the newest complete checkpoint is step_{self.last_saved_step}")
@@ -123,9 +147,11 @@ class Trainer:
                                       "file system) and run the same command again to continue.") from error
         if self.is_rank0:
             prune_checkpoints(self.cfg.checkpointing)
-        self.last_saved_step = self.step
-        self.max_save_seconds = max(self.max_save_seconds, time.perf_counter() - start)
-        self._write(f"saved checkpoint {path} in {time.perf_counter() - start:.1f} s")
+        self.last_saved_step = pending.step
+        seconds = self.save_seconds + time.perf_counter() - start
+        self.max_save_seconds = max(self.max_save_seconds, seconds)
+        self._write(f"saved checkpoint {path} (written in the background; training waited {seconds:.1f} s)"
+                    if background else f"saved checkpoint {path} in {seconds:.1f} s")
 
     def _count_skipped(self, metrics: Dict[str, float]) -> None:
         state = self.state
@@ -214,6 +240,7 @@ class Trainer:
         elif dpo.val_at_end and not self._periodic(dpo.val_period):
             self._validate()
         self._save()
+        self._complete_save()
         hf_export = self._export_hf() if stop_reason is None else None
         return self._finish(stop_reason, hf_export)
 

@@ -118,3 +118,15 @@ def test_peak_memory_of_conversion(tmp_path):
     # Measured 93-107 MiB quiet and 133 MiB under load (malloc arenas vary): the bound
     # is one output file plus a few copies of the largest tensor, well below the model.
     assert extra["export"] < 25 * 2**20 + 6 * largest < size
+
+
+def test_conversion_builds_on_the_cpu_when_the_node_has_cuda(tmp_path):
+    """Issue 15: a 70B model is never built on one GPU to convert it."""
+    hf_dir = str(tmp_path / "hf")
+    save_hf_model(hf_dir, "llama", **TINY)
+    result = subprocess.run([sys.executable, os.path.join(SCRIPTS, "convert_cuda_reported.py"), hf_dir,
+                             str(tmp_path / "megatron")], cwd=REPO, capture_output=True, text=True, timeout=200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TRAINING_DEVICE cuda" in result.stdout  # the helper did report CUDA
+    built = json.loads(result.stdout.split("BUILT ", 1)[1].splitlines()[0])
+    assert built == [{"devices": ["cpu"], "transformer_engine": False}]

@@ -107,3 +107,19 @@ def test_dp_reshardable_optimizer_state_is_refused_at_another_model_parallel_lay
     check_optimizer_layout("step_3", "fully_reshardable", saved, dict(saved, tp=2))
     with pytest.raises(ConfigError, match="checkpointing.optimizer_format=fully_reshardable"):
         check_optimizer_layout("step_3", "dp_reshardable", saved, dict(saved, tp=2, dp=1))
+
+
+def test_only_extra_state_keys_may_differ_between_a_checkpoint_and_the_model():
+    from megatron_dpo.checkpoint.dist import key_mismatch
+
+    te_only = {"decoder.layers.self_attention.core_attention._extra_state"}
+    local_only = {"decoder.layers.self_attention.linear_qkv._extra_state/shard_0_4"}
+    optimizer = {"optimizer.state.exp_avg.output_layer.weight"}
+    assert key_mismatch(te_only, local_only, loads_optimizer=False, adapters_only=False) is None
+    assert key_mismatch(optimizer, set(), loads_optimizer=False, adapters_only=False) is None
+    assert key_mismatch({"output_layer.weight"}, set(), loads_optimizer=False, adapters_only=True) is None
+    problem = key_mismatch(optimizer | te_only, {"decoder.layers.self_attention.q_layernorm.weight"},
+                           loads_optimizer=True, adapters_only=False)
+    assert problem.startswith("1 key(s) this model has are not in the checkpoint: "
+                              "decoder.layers.self_attention.q_layernorm.weight; 1 key(s) of the checkpoint have no "
+                              "place in this model: optimizer.state.exp_avg.output_layer.weight.")

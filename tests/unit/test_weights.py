@@ -58,3 +58,11 @@ def test_random_init_is_seeded_per_name_and_follows_megatron_defaults():
     assert torch.equal(random_full_tensor("decoder.final_layernorm.weight", ARCH, seed=7), torch.ones(8))
     proj = random_full_tensor("decoder.layers.0.mlp.linear_fc2.weight", ARCH, seed=7)
     assert proj.std() < first.std()  # output projections scaled by 1/sqrt(2 num_layers)
+
+
+def test_conversion_builds_on_the_cpu_whatever_the_node_has():
+    from megatron_dpo.parallel.init import device_type
+
+    assert device_type(cuda_available=True) == "cuda"
+    assert device_type(cuda_available=True, for_conversion=True) == "cpu"
+    assert device_type(cuda_available=False) == device_type(cuda_available=False, for_conversion=True) == "cpu"
