@@ -154,7 +154,7 @@ def _print_plan(cfg, world_size: int, gpu_memory_gib: float) -> None:
     print(f"model: {origin}\n  {arch.num_layers} layers, hidden {arch.hidden_size}, {arch.num_attention_heads} heads, "
           f"{arch.num_query_groups} query groups, vocab {arch.vocab_size}: {_count(total_params)} parameters")
     layout = ParallelDims.resolve(policy, world_size, arch.num_layers, arch.num_attention_heads,
-                                  arch.num_query_groups)
+                                  arch.num_query_groups, arch.num_experts)
     megatron_cfg = policy.megatron_cfg
     problem = sequence_parallel_problem(megatron_cfg.sequence_parallel, detect_env())
     if problem is not None:

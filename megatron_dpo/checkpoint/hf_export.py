@@ -240,7 +240,7 @@ def megatron_to_hf(checkpoint_dir: str, out_dir: str, max_shard_bytes: int = DEF
     if rank == 0:
         weight_map = {
             hf: hf_io.shard_file_name(index, len(shards))
-            for index, shard in enumerate(shards) for hf in llama.expected_hf_names(shard)
+            for index, shard in enumerate(shards) for hf in llama.expected_hf_names(shard, arch)
         }
         hf_io.write_index(tmp, weight_map, sum(nbytes.values()))
         _write_metadata(tmp, checkpoint_dir, arch, slots[names[0]].dtype)

@@ -58,3 +58,17 @@ def test_random_init_is_seeded_per_name_and_follows_megatron_defaults():
     assert torch.equal(random_full_tensor("decoder.final_layernorm.weight", ARCH, seed=7), torch.ones(8))
     proj = random_full_tensor("decoder.layers.0.mlp.linear_fc2.weight", ARCH, seed=7)
     assert proj.std() < first.std()  # output projections scaled by 1/sqrt(2 num_layers)
+
+
+def test_expert_names_are_global_and_experts_shard_over_expert_tp():
+    # EP rank 1 of 2 with 2 local experts holds global experts 2 and 3.
+    assert canonical_name("decoder.layers.1.mlp.experts.local_experts.1.linear_fc2.weight", 2, False, 2) == \
+        "decoder.layers.3.mlp.experts.local_experts.3.linear_fc2.weight"
+    assert canonical_name("decoder.layers.0.mlp.experts.linear_fc1.weight1", 0, False, 2) == \
+        "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight"  # TE grouped GEMM
+    full = torch.arange(24.0).reshape(4, 6)
+    name = "decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"
+    tp2_ep1 = context(1)  # TP2 with expert-TP 1: experts stay whole
+    assert tp_shard(name, full, tp_param((4, 6), 1), tp2_ep1) is full
+    etp2 = ParallelDims.of_sizes(2, tp_size=2, etp_size=2).with_ranks(rank=1, tp_rank=1, etp_rank=1)
+    torch.testing.assert_close(tp_shard(name, full, tp_param((4, 3), 1), etp2), full[:, 3:])
