@@ -109,6 +109,13 @@ def _check_expert_parallel(megatron_cfg, world_size: int, num_experts: Optional[
                 f"{_ETP_KEY}=1."
             )
         return
+    tp = megatron_cfg.tensor_model_parallel_size
+    if tp > 1 and not megatron_cfg.sequence_parallel:
+        raise ConfigError(
+            f"Invalid parallel layout: a Mixture-of-Experts model with tensor_model_parallel_size({tp}) needs "
+            f"sequence parallelism (megatron-core's MoE layer refuses to train without it). Set {_SP_KEY}=true, "
+            f"or {_TP_KEY}=1."
+        )
     if num_experts % ep:
         raise ConfigError(
             f"Invalid expert parallel size: num_experts({num_experts}) is not divisible by "

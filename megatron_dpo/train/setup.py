@@ -30,7 +30,7 @@ from megatron_dpo.data import DataError, TokenizeResult, open_tokenized, split_p
 from megatron_dpo.logging import timed
 from megatron_dpo.loss.registry import NEEDS_GT_REWARDS, check_loss_config
 from megatron_dpo.models.architecture import ModelArchitecture
-from megatron_dpo.models.build import build_model
+from megatron_dpo.models.build import MoESettings, build_model
 from megatron_dpo.models.lora import apply_lora, fresh_adapter, read_peft_adapter, reference_adapters
 from megatron_dpo.models.kernels import (KernelPlan, detect_env, fusion_settings, resolve_kernels,
                                          sequence_parallel_problem)
