@@ -32,6 +32,8 @@ def layouts(tmp_path_factory):
 
 def test_moe_step1_loss_is_ln2_and_layouts_agree_with_ep1(layouts):
     baseline = layouts["ep1"]
+    for name, steps in layouts.items():
+        print(name, [{k: s[k] for k in ("loss", "grad_norm", *ROUTER_METRICS) if k in s} for s in steps])
     for name in ("ep2", "ep2_tp2", "ep2_pp2"):
         assert layouts[name][0]["preference_loss"] == pytest.approx(math.log(2), abs=1e-6), name
         for step, (got, want) in enumerate(zip(layouts[name], baseline), start=1):

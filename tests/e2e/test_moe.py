@@ -34,6 +34,7 @@ def test_moe_dpo_learns_and_logs_router_metrics(ep2_run):
     val = [r for r in records if r["split"] == "val"]
     assert [r["step"] for r in train] == list(range(1, 9))
     assert train[0]["preference_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    print(f"held-out accuracy {[(r['step'], r['accuracy']) for r in val]}")
     assert val[0]["step"] == 0 and val[0]["accuracy"] == 0.0
     assert val[-1]["step"] == 8 and val[-1]["accuracy"] >= 0.9
     assert all(r["load_balancing_loss"] > 0 and r["expert_load_max_over_mean"] >= 1.0 for r in train)
@@ -45,4 +46,6 @@ def test_moe_resume_at_another_expert_parallel_size(ep2_run, tmp_path):
     records, result = run_dpo(tmp_path, 2, [*MOE, f"checkpointing.resume={run_dir}/step_6", "dpo.val_at_end=false"])
     assert f"resumed from {run_dir}/step_6" in result.stdout
     expected_train = [r for r in expected if r["step"] > 6 and r["split"] == "train"]
+    print("EP2 vs resumed at EP1 (step, loss, grad norm):",
+          [(a["step"], a["loss"], b["loss"], a["grad_norm"], b["grad_norm"]) for a, b in zip(expected_train, records)])
     assert_same_records(expected_train, records, rel=LAYOUT_TOLERANCE)
