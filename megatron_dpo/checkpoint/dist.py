@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from megatron_dpo.config.errors import ConfigError
 from megatron_dpo.models.lora import has_adapters
 
 # checkpointing.optimizer_format: megatron's distrib_optim_sharding_type, saved
@@ -147,6 +148,14 @@ def load_policy(chunks: List[torch.nn.Module], optimizer, directory: str) -> Non
     if all(torch_adam is None for torch_adam in torch_adams):
         optimizer.load_state_dict(_for_this_chain(loaded["optimizer"], inners))
         return
+    if _other_chain_entry(loaded["optimizer"], inners) is not None:
+        raise ConfigError(
+            f"cannot resume from {directory} with the distributed optimizer at this expert parallel size: "
+            "megatron-core 0.16.1 gives MoE experts their own optimizer only with "
+            "expert_model_parallel_size > 1, and the distributed optimizer's state does not carry across that "
+            "change. Resume with policy.megatron_cfg.expert_model_parallel_size on the saved side of 1 (1, or "
+            "any size > 1), or with policy.megatron_cfg.optimizer.use_distributed_optimizer=false."
+        )
     # ChainedOptimizer.sharded_state_dict: one optimizer's dict, or {index: dict} for several.
     states = [loaded["optimizer"]] if len(inners) == 1 else [loaded["optimizer"][i] for i in range(len(inners))]
     for inner, torch_adam, state in zip(inners, torch_adams, states):
@@ -168,13 +177,8 @@ def _for_this_chain(state: dict, inners) -> dict:
     count, is re-keyed here: the settings are this run's (the LR scheduler,
     restored separately, sets lr and weight decay every step), the step count
     the saved one (every entry of a chain holds the same)."""
-    chained_keys = sorted(key for key in state if isinstance(key, int))
-    # The other shape's entries come from common.pt beside this run's request.
-    if len(inners) == 1 and chained_keys:
-        saved = state[chained_keys[0]]
-    elif len(inners) > 1 and "param_groups" in state:
-        saved = state
-    else:
+    saved = _other_chain_entry(state, inners)
+    if saved is None:
         return state  # saved with this chain's shape
     saved_step = _torch_state(saved)["state"].get("common_step")
     entries = [state] if len(inners) == 1 else [state[index] for index in range(len(inners))]
@@ -187,6 +191,17 @@ def _for_this_chain(state: dict, inners) -> dict:
                                        for group, loaded in zip(groups, torch_state["param_groups"], strict=True)]
     return {key: value for key, value in state.items() if not isinstance(key, int)} if len(inners) == 1 else \
         {index: state[index] for index in range(len(inners))}
+
+
+def _other_chain_entry(state: dict, inners) -> Optional[dict]:
+    """An entry common.pt wrote for a chain of another length (it sits beside
+    this run's request in the loaded state), or None when the lengths agree."""
+    chained_keys = sorted(key for key in state if isinstance(key, int))
+    if len(inners) == 1 and chained_keys:
+        return state[chained_keys[0]]
+    if len(inners) > 1 and "param_groups" in state:
+        return state
+    return None
 
 
 def _torch_state(entry: dict) -> dict:

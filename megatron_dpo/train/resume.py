@@ -212,6 +212,7 @@ def check_optimizer_layout(directory: str, optimizer_format: str, saved_layout: 
     shards are the gradient buffer's buckets): refuse another model-parallel
     layout before loading anything (MoE: expert layout included)."""
     keys = ("tp", "pp", "vpp", *(k for k in ("ep", "etp") if k in saved_layout or k in layout))
+    saved_layout, layout = ({"ep": 1, "etp": 1, **sizes} for sizes in (saved_layout, layout))  # dense: no ep keys
     if optimizer_format == "dp_reshardable" and any(saved_layout.get(k) != layout.get(k) for k in keys):
         raise ConfigError(
             f"cannot resume from {directory} at another model-parallel layout: its optimizer state was saved "
