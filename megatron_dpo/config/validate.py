@@ -41,6 +41,11 @@ def check_layout(
     _check_pipeline_parallel(pp, vpp, num_layers)
     _check_overlap(megatron_cfg)
     _check_expert_parallel(megatron_cfg, world_size, num_experts)
+    if num_experts is not None and policy_cfg.lora_cfg.enabled:
+        raise ConfigError(
+            "policy.lora_cfg.enabled=true is not supported for Mixture-of-Experts models (no adapters over "
+            "the experts yet). Set policy.lora_cfg.enabled=false to train every weight."
+        )
     dp = world_size // (tp * pp)
     num_microbatches = _num_microbatches(
         "policy.train_global_batch_size", policy_cfg.train_global_batch_size,

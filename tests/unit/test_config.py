@@ -275,6 +275,12 @@ def test_expert_parallel_layout_errors_name_the_numbers_and_the_fix():
         resolve(["expert_model_parallel_size=2", "expert_tensor_parallel_size=2"], 2, 4)
     with pytest.raises(ConfigError, match="moe_token_dispatcher_type"):
         resolve(["moe_token_dispatcher_type=flex"], 2, 4)
+    with pytest.raises(ConfigError, match="Set policy.megatron_cfg.sequence_parallel=true"):
+        resolve(["tensor_model_parallel_size=2"], 2, 4)
+    cfg = load_config(None, ["policy.lora_cfg.enabled=true"])
+    with pytest.raises(ConfigError, match="Set policy.lora_cfg.enabled=false"):
+        ParallelDims.resolve(cfg.policy, world_size=1, num_layers=4, num_attention_heads=4, num_query_groups=4,
+                             num_experts=4)
     dims = resolve(["expert_model_parallel_size=2", "pipeline_model_parallel_size=2"], 4, 4)
     assert (dims.ep_size, dims.etp_size, dims.dp_size) == (2, 1, 2)
     assert dims.sizes()["ep"] == 2 and "ep" not in resolve([], 2, 4).sizes()
