@@ -145,7 +145,7 @@ def _print_plan(cfg, world_size: int, gpu_memory_gib: float) -> None:
     from megatron_dpo.config.validate import resolve_val_num_microbatches
     from megatron_dpo.data import split_paths
     from megatron_dpo.models.kernels import detect_env, sequence_parallel_problem
-    from megatron_dpo.models.memory import GIB, estimate_memory, stage_parameters
+    from megatron_dpo.models.memory import GIB, active_parameters, estimate_memory, stage_parameters
     from megatron_dpo.parallel.dims import ParallelDims
 
     policy = cfg.policy
@@ -153,14 +153,22 @@ def _print_plan(cfg, world_size: int, gpu_memory_gib: float) -> None:
     total_params = sum(stage_parameters(arch, 1, 1))
     print(f"model: {origin}\n  {arch.num_layers} layers, hidden {arch.hidden_size}, {arch.num_attention_heads} heads, "
           f"{arch.num_query_groups} query groups, vocab {arch.vocab_size}: {_count(total_params)} parameters")
+    if arch.is_moe:
+        print(f"  Mixture of Experts: {arch.num_experts} experts, top-{arch.moe_router_topk}: "
+              f"{_count(active_parameters(arch))} active parameters per token")
     layout = ParallelDims.resolve(policy, world_size, arch.num_layers, arch.num_attention_heads,
-                                  arch.num_query_groups)
+                                  arch.num_query_groups, arch.num_experts)
     megatron_cfg = policy.megatron_cfg
     problem = sequence_parallel_problem(megatron_cfg.sequence_parallel, detect_env())
     if problem is not None:
         raise ConfigError(problem)
     print(f"layout: world {world_size} = TP {layout.tp_size} x PP {layout.pp_size} x DP {layout.dp_size}"
           f" (virtual pipeline {layout.vpp_size}, sequence parallel {megatron_cfg.sequence_parallel})")
+    if arch.is_moe:
+        expert_dp = world_size // (layout.etp_size * layout.ep_size * layout.pp_size)
+        print(f"experts: world {world_size} = expert-TP {layout.etp_size} x EP {layout.ep_size} x PP {layout.pp_size} "
+              f"x expert-DP {expert_dp}; {arch.num_experts // layout.ep_size} expert(s) per GPU, "
+              f"{megatron_cfg.moe_token_dispatcher_type} dispatcher, dropless")
     print(f"train batch: {policy.train_global_batch_size} pairs = {policy.train_micro_batch_size} per micro-batch x "
           f"{layout.num_microbatches} micro-batches x DP {layout.dp_size}; a micro-batch is "
           f"{2 * policy.train_micro_batch_size} sequences of <= {policy.max_total_sequence_length} tokens")

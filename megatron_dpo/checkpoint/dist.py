@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Set
 
 import torch
 
+from megatron_dpo.config.errors import ConfigError
 from megatron_dpo.models.lora import has_adapters
 
 # checkpointing.optimizer_format: megatron's distrib_optim_sharding_type, saved
@@ -19,6 +20,13 @@ OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 # except for modules' extra state (TE's FP8 metadata; Megatron-LM PR 6270):
 # loading across specs tolerates these, and nothing else.
 EXTRA_STATE = "._extra_state"
+# An MoE model's optimizer chains two megatron optimizers (dense, expert
+# parameters); megatron prefixes their state keys with chained_<i>. unless
+# told not to (as Megatron-LM's training does for new checkpoints), and then
+# a checkpoint cannot be loaded where the chain has another length (EP1 vs
+# EP2). Without the prefix, fully_reshardable state loads at any EP size;
+# dp_reshardable state keeps its prefix (megatron adds it regardless).
+AVOID_PREFIX_KEY = "chained_optim_avoid_prefix"
 
 
 def checkpoint_errors() -> tuple:
@@ -96,7 +104,7 @@ def save_policy(chunks: List[torch.nn.Module], optimizer, directory: str,
     from megatron_dpo.parallel import compat
 
     finish_param_sync(chunks)
-    metadata = {SHARDING_KEY: optimizer_format}
+    metadata = {SHARDING_KEY: optimizer_format, AVOID_PREFIX_KEY: True}
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
@@ -206,21 +214,85 @@ def load_policy(chunks: List[torch.nn.Module], optimizer, directory: str) -> Non
     """Collective: load policy weights and optimizer state into this layout
     (any TP/PP/DP for fully_reshardable optimizer state; the saved TP/PP/VPP
     for dp_reshardable, which train/resume.py checks first)."""
-    metadata = {SHARDING_KEY: saved_optimizer_format(directory)}
-    (inner,) = optimizer.chained_optimizers  # a dense GPT model gets one megatron optimizer
-    torch_adam = _distributed_torch_adam(inner)
-    if torch_adam is not None:
-        _init_adam_state(torch_adam)
+    from megatron.core import dist_checkpointing
+
+    saved = dist_checkpointing.load_content_metadata(directory) or {}
+    metadata = {SHARDING_KEY: saved_optimizer_format(directory), AVOID_PREFIX_KEY: saved.get(AVOID_PREFIX_KEY, False)}
+    # One megatron optimizer for a dense GPT model; an MoE model's expert
+    # parameters (their own DP group) get a second one.
+    inners = optimizer.chained_optimizers
+    torch_adams = [_distributed_torch_adam(inner) for inner in inners]
+    for torch_adam in torch_adams:
+        if torch_adam is not None:
+            _init_adam_state(torch_adam)
     model_state = model_sharded_state_dict(chunks)
     request = dict(model_state)
     request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=metadata)
     loaded = _load(request, directory)
     for key, chunk in zip(model_state, chunks):
         _load_into(chunk, loaded[key])
-    if torch_adam is None:
-        optimizer.load_state_dict(loaded["optimizer"])
-    else:
-        _load_distributed_adam_state(inner, torch_adam, loaded["optimizer"])
+    if all(torch_adam is None for torch_adam in torch_adams):
+        optimizer.load_state_dict(_for_this_chain(loaded["optimizer"], inners))
+        return
+    if _other_chain_entry(loaded["optimizer"], inners) is not None:
+        raise ConfigError(
+            f"cannot resume from {directory} with the distributed optimizer at this expert parallel size: "
+            "megatron-core 0.16.1 gives MoE experts their own optimizer only with "
+            "expert_model_parallel_size > 1, and the distributed optimizer's state does not carry across that "
+            "change. Resume with policy.megatron_cfg.expert_model_parallel_size on the saved side of 1 (1, or "
+            "any size > 1), or with policy.megatron_cfg.optimizer.use_distributed_optimizer=false."
+        )
+    # ChainedOptimizer.sharded_state_dict: one optimizer's dict, or {index: dict} for several.
+    states = [loaded["optimizer"]] if len(inners) == 1 else [loaded["optimizer"][i] for i in range(len(inners))]
+    for inner, torch_adam, state in zip(inners, torch_adams, states):
+        if torch_adam is None:
+            inner.load_state_dict(state)
+        else:
+            _load_distributed_adam_state(inner, torch_adam, state)
+
+
+def _for_this_chain(state: dict, inners) -> dict:
+    """The loaded optimizer state in the shape of this run's chain of megatron
+    optimizers. megatron-core 0.16.1 gives MoE experts their own optimizer
+    only with expert parallelism (their params are ``allreduce=False`` only
+    for EP > 1), so a checkpoint of EP2 holds two chained entries
+    ({0: ..., 1: ...} in common.pt) and one of EP1 a single one. The Adam
+    moments are keyed by parameter name (no chained_<i>. prefix,
+    ``AVOID_PREFIX_KEY``) and load into either chain as requested; what
+    common.pt keeps per entry, the param groups' settings and the common step
+    count, is re-keyed here: the settings are this run's (the LR scheduler,
+    restored separately, sets lr and weight decay every step), the step count
+    the saved one (every entry of a chain holds the same)."""
+    saved = _other_chain_entry(state, inners)
+    if saved is None:
+        return state  # saved with this chain's shape
+    saved_step = _torch_state(saved)["state"].get("common_step")
+    entries = [state] if len(inners) == 1 else [state[index] for index in range(len(inners))]
+    for inner, entry in zip(inners, entries):
+        torch_state = _torch_state(entry)
+        if saved_step is not None:
+            torch_state["state"]["common_step"] = saved_step
+        groups = inner.optimizer.param_groups
+        torch_state["param_groups"] = [dict({k: v for k, v in group.items() if k != "params"}, params=loaded["params"])
+                                       for group, loaded in zip(groups, torch_state["param_groups"], strict=True)]
+    return {key: value for key, value in state.items() if not isinstance(key, int)} if len(inners) == 1 else \
+        {index: state[index] for index in range(len(inners))}
+
+
+def _other_chain_entry(state: dict, inners) -> Optional[dict]:
+    """An entry common.pt wrote for a chain of another length (it sits beside
+    this run's request in the loaded state), or None when the lengths agree."""
+    chained_keys = sorted(key for key in state if isinstance(key, int))
+    if len(inners) == 1 and chained_keys:
+        return state[chained_keys[0]]
+    if len(inners) > 1 and "param_groups" in state:
+        return state
+    return None
+
+
+def _torch_state(entry: dict) -> dict:
+    """A megatron optimizer's state dict -> its torch optimizer's (bf16 nests it under "optimizer")."""
+    return entry.get("optimizer", entry)
 
 
 # megatron-core 0.16.1's DistributedOptimizer on plain torch Adam (no TE/apex

@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 EXPORT_MARKER = ".megatron_dpo_export"
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 _VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+_STACKED_EXPERTS = ".experts.experts."
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,9 @@ class _Slot:
     """Where one canonical tensor lives in the dist checkpoint."""
 
     key: str
-    layer: Optional[Tuple[int, int]]  # (index, count) on the stacked layer axis
+    # (index, count) on each stacked axis: the layer axis, then the expert
+    # axis of MoE experts ([layers, experts, ...]); () for an unstacked tensor.
+    stacked: Tuple[Tuple[int, int], ...]
     shape: Tuple[int, ...]  # stored (vocab-padded) full shape
     dtype: torch.dtype
 
@@ -72,12 +75,19 @@ def _slots(policy_dir: str, arch: ModelArchitecture) -> Dict[str, _Slot]:
         shape = tuple(meta.global_shape)
         if not key.startswith("decoder.layers."):
             if key.startswith(_MODEL_PREFIXES):
-                slots[key] = _Slot(key, None, shape, meta.dtype)
+                slots[key] = _Slot(key, (), shape, meta.dtype)
             continue
         rest = key[len("decoder.layers."):]
+        if _STACKED_EXPERTS in rest:  # megatron's SequentialMLP / TEGroupedMLP layout
+            for index in range(shape[0]):
+                for expert in range(shape[1]):
+                    local = rest.replace(_STACKED_EXPERTS, f".experts.local_experts.{expert}.")
+                    name = weights.canonical_name(f"decoder.layers.{index}.{local}", 0, arch.tie_word_embeddings)
+                    slots[name] = _Slot(key, ((index, shape[0]), (expert, shape[1])), shape[2:], meta.dtype)
+            continue
         for index in range(shape[0]):
             name = weights.canonical_name(f"decoder.layers.{index}.{rest}", 0, arch.tie_word_embeddings)
-            slots[name] = _Slot(key, (index, shape[0]), shape[1:], meta.dtype)
+            slots[name] = _Slot(key, ((index, shape[0]),), shape[1:], meta.dtype)
     return slots
 
 
@@ -111,14 +121,13 @@ def _load(policy_dir: str, slots: Dict[str, _Slot], names: List[str]) -> Dict[st
     request = {}
     for name in names:
         slot = slots[name]
-        if slot.layer is None:
-            request[name] = ShardedTensor.from_rank_offsets(slot.key, torch.empty(slot.shape, dtype=slot.dtype), replica_id=0)
-        else:  # a [1, ...] slice of the stacked [L, ...] tensor
-            data = torch.empty((1, *slot.shape), dtype=slot.dtype)
-            request[name] = ShardedTensor.from_rank_offsets(slot.key, data, (0, *slot.layer), replica_id=0)
+        # A [1, (1,) ...] slice of the stacked [L, (E,) ...] tensor (or the whole unstacked one).
+        data = torch.empty((1,) * len(slot.stacked) + slot.shape, dtype=slot.dtype)
+        offsets = [(axis, index, count) for axis, (index, count) in enumerate(slot.stacked)]
+        request[name] = ShardedTensor.from_rank_offsets(slot.key, data, *offsets, replica_id=0)
     # The requests cover only part of the checkpoint: skip megatron's exactly-once check.
     loaded = dist_checkpointing.load(request, policy_dir, validate_access_integrity=False)
-    return {name: loaded[name].squeeze(0) if slots[name].layer else loaded[name] for name in names}
+    return {name: loaded[name].reshape(slots[name].shape) for name in names}
 
 
 def _plan(names: List[str], nbytes: Dict[str, int], max_shard_bytes: int) -> List[List[str]]:
@@ -240,7 +249,7 @@ def megatron_to_hf(checkpoint_dir: str, out_dir: str, max_shard_bytes: int = DEF
     if rank == 0:
         weight_map = {
             hf: hf_io.shard_file_name(index, len(shards))
-            for index, shard in enumerate(shards) for hf in llama.expected_hf_names(shard)
+            for index, shard in enumerate(shards) for hf in llama.expected_hf_names(shard, arch)
         }
         hf_io.write_index(tmp, weight_map, sum(nbytes.values()))
         _write_metadata(tmp, checkpoint_dir, arch, slots[names[0]].dtype)

@@ -90,7 +90,7 @@ def load_tokenizer(source: ModelSource, chat_template: Optional[str] = None):
 
 def _load_hf_weights(chunks: List[torch.nn.Module], arch: ModelArchitecture, path: str, dims: ParallelDims) -> None:
     with hf_io.HFCheckpoint(path) as checkpoint:
-        checkpoint.check_keys(llama.expected_hf_names(weights.canonical_names(arch)), arch.tie_word_embeddings)
+        checkpoint.check_keys(llama.expected_hf_names(weights.canonical_names(arch), arch), arch.tie_word_embeddings)
         weights.load_full_weights(chunks, arch, dims, llama.canonical_from_hf(checkpoint.tensor, arch))
 
 

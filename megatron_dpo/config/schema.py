@@ -66,6 +66,21 @@ class MegatronConfig:
     gradient_accumulation_fusion: str = "auto"
     bias_dropout_fusion: str = "auto"
     masked_softmax_fusion: str = "auto"
+    # Mixture-of-Experts (used only when the model has experts; Megatron-LM /
+    # NeMo RL names). Experts are split over expert_model_parallel_size ranks
+    # and each expert over expert_tensor_parallel_size ranks (NeMo RL's default 1).
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int = 1
+    # Routing is dropless (no capacity factor). aux_loss | seq_aux_loss |
+    # global_aux_loss | none; the loss is added to the policy's DPO loss with
+    # moe_aux_loss_coeff (0: not added); moe_z_loss_coeff: router z-loss, None: off.
+    moe_router_load_balancing_type: str = "aux_loss"
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: Optional[float] = None
+    # alltoall | allgather
+    moe_token_dispatcher_type: str = "alltoall"
+    # auto | true | false: grouped-GEMM experts (TE, CUDA), else sequential ones.
+    moe_grouped_gemm: str = "auto"
     distributed_data_parallel_config: DistributedDataParallelConfig = field(
         default_factory=DistributedDataParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -296,7 +311,9 @@ _SWITCH = ("auto", "true", "false")
 CHOICES: Dict[str, tuple] = {
     **{f"policy.megatron_cfg.{name}": _SWITCH for name in (
         "apply_rope_fusion", "bias_activation_fusion", "gradient_accumulation_fusion",
-        "bias_dropout_fusion", "masked_softmax_fusion")},
+        "bias_dropout_fusion", "masked_softmax_fusion", "moe_grouped_gemm")},
+    "policy.megatron_cfg.moe_router_load_balancing_type": ("aux_loss", "seq_aux_loss", "global_aux_loss", "none"),
+    "policy.megatron_cfg.moe_token_dispatcher_type": ("alltoall", "allgather"),
     "policy.precision": ("float32", "bfloat16"),
     "policy.megatron_cfg.optimizer.optimizer": ("adam",),
     "policy.megatron_cfg.scheduler.lr_decay_style": (

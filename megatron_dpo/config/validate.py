@@ -18,6 +18,8 @@ _TP_KEY = "policy.megatron_cfg.tensor_model_parallel_size"
 _PP_KEY = "policy.megatron_cfg.pipeline_model_parallel_size"
 _VPP_KEY = "policy.megatron_cfg.virtual_pipeline_model_parallel_size"
 _SP_KEY = "policy.megatron_cfg.sequence_parallel"
+_EP_KEY = "policy.megatron_cfg.expert_model_parallel_size"
+_ETP_KEY = "policy.megatron_cfg.expert_tensor_parallel_size"
 
 
 def check_layout(
@@ -26,9 +28,11 @@ def check_layout(
     num_layers: int,
     num_attention_heads: int,
     num_query_groups: int,
+    num_experts: Optional[int] = None,
 ) -> Tuple[int, int]:
     """Check the parallel sizes against the world and the model; returns
-    (data-parallel size, micro-batches per step per DP rank)."""
+    (data-parallel size, micro-batches per step per DP rank). ``num_experts``:
+    the model's experts, None for a dense model."""
     megatron_cfg = policy_cfg.megatron_cfg
     tp, pp = megatron_cfg.tensor_model_parallel_size, megatron_cfg.pipeline_model_parallel_size
     vpp = megatron_cfg.virtual_pipeline_model_parallel_size
@@ -36,6 +40,12 @@ def check_layout(
     _check_tensor_parallel(tp, num_attention_heads, num_query_groups, megatron_cfg.sequence_parallel)
     _check_pipeline_parallel(pp, vpp, num_layers)
     _check_overlap(megatron_cfg)
+    _check_expert_parallel(megatron_cfg, world_size, num_experts)
+    if num_experts is not None and policy_cfg.lora_cfg.enabled:
+        raise ConfigError(
+            "policy.lora_cfg.enabled=true is not supported for Mixture-of-Experts models (no adapters over "
+            "the experts yet). Set policy.lora_cfg.enabled=false to train every weight."
+        )
     dp = world_size // (tp * pp)
     num_microbatches = _num_microbatches(
         "policy.train_global_batch_size", policy_cfg.train_global_batch_size,
@@ -88,6 +98,39 @@ def _check_tensor_parallel(tp: int, num_heads: int, num_query_groups: int, seque
         raise ConfigError(
             f"Invalid parallel layout: sequence_parallel=true needs tensor_model_parallel_size > 1 "
             f"(got 1). Set {_SP_KEY}=false, or raise {_TP_KEY}."
+        )
+
+
+def _check_expert_parallel(megatron_cfg, world_size: int, num_experts: Optional[int]) -> None:
+    """Each EP rank holds whole experts; the expert layout (expert-TP x EP x PP)
+    tiles the world, as megatron-core's initialize_model_parallel requires."""
+    ep, etp, pp = (megatron_cfg.expert_model_parallel_size, megatron_cfg.expert_tensor_parallel_size,
+                   megatron_cfg.pipeline_model_parallel_size)
+    if num_experts is None:
+        if (ep, etp) != (1, 1):
+            raise ConfigError(
+                f"Invalid parallel layout: expert_model_parallel_size({ep}) / expert_tensor_parallel_size({etp}) "
+                f"apply to Mixture-of-Experts models only, and this model has no experts. Set {_EP_KEY}=1 and "
+                f"{_ETP_KEY}=1."
+            )
+        return
+    tp = megatron_cfg.tensor_model_parallel_size
+    if tp > 1 and not megatron_cfg.sequence_parallel:
+        raise ConfigError(
+            f"Invalid parallel layout: a Mixture-of-Experts model with tensor_model_parallel_size({tp}) needs "
+            f"sequence parallelism (megatron-core's MoE layer refuses to train without it). Set {_SP_KEY}=true, "
+            f"or {_TP_KEY}=1."
+        )
+    if num_experts % ep:
+        raise ConfigError(
+            f"Invalid expert parallel size: num_experts({num_experts}) is not divisible by "
+            f"expert_model_parallel_size({ep}). Set {_EP_KEY} to one of {_join(_divisors(num_experts))}."
+        )
+    if world_size % (etp * ep * pp):
+        raise ConfigError(
+            f"Invalid parallel layout: expert_tensor_parallel_size({etp}) x expert_model_parallel_size({ep}) x "
+            f"pipeline_model_parallel_size({pp}) = {etp * ep * pp} does not divide WORLD_SIZE({world_size}). "
+            f"Use a world size that is a multiple of {etp * ep * pp}, or change {_EP_KEY} / {_ETP_KEY}."
         )
 
 

@@ -34,8 +34,21 @@ class ModelArchitecture:
     # The model is built with full causal attention, which equals the window
     # only for sequences no longer than it (check_sequence_length).
     sliding_window: Optional[int] = None
+    # Mixture of Experts (Mixtral, Qwen3-MoE): every layer's MLP is num_experts
+    # SwiGLU experts of moe_ffn_hidden_size, moe_router_topk of them per token.
+    # None: a dense MLP of ffn_hidden_size. moe_router_pre_softmax: softmax over
+    # all experts, then top-k without renormalising (Qwen3's norm_topk_prob=false);
+    # otherwise softmax over the top-k logits (Mixtral; norm_topk_prob=true).
+    num_experts: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_router_pre_softmax: bool = False
     # The Hugging Face class it converts to and from (models/conversion/registry.py).
     hf_architecture: str = "LlamaForCausalLM"
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
 
     @property
     def head_dim(self) -> int:

@@ -5,6 +5,7 @@ is applied outside, in ``train/``. The policy and the reference are built by
 the same function so that they share one parallel layout.
 """
 
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -26,25 +27,66 @@ def transformer_engine_available() -> bool:
     return resolve_kernels({}, detect_env()).use_te
 
 
-def layer_spec(arch: ModelArchitecture, use_te: bool, prefix_sharing: bool = False):
+@dataclass(frozen=True)
+class MoESettings:
+    """How a Mixture-of-Experts model routes and balances (``policy.megatron_cfg``'s
+    moe_* keys, megatron's TransformerConfig names); unused for dense models."""
+
+    router_load_balancing_type: str = "aux_loss"
+    aux_loss_coeff: float = 0.0
+    z_loss_coeff: Optional[float] = None
+    token_dispatcher_type: str = "alltoall"
+
+    @classmethod
+    def from_megatron_cfg(cls, megatron_cfg) -> "MoESettings":
+        return cls(router_load_balancing_type=megatron_cfg.moe_router_load_balancing_type,
+                   aux_loss_coeff=megatron_cfg.moe_aux_loss_coeff, z_loss_coeff=megatron_cfg.moe_z_loss_coeff,
+                   token_dispatcher_type=megatron_cfg.moe_token_dispatcher_type)
+
+
+def layer_spec(arch: ModelArchitecture, use_te: bool, prefix_sharing: bool = False, moe_grouped_gemm: bool = False):
     """TE's fused layers, or megatron's local ones, each with the core
     attention that fits the batches: SDPA on the local spec
     (models/attention.py); on the TE spec, TE's, which for prefix-shared
-    batches runs THD with bottom-right causal masks (models/te_attention.py)."""
+    batches runs THD with bottom-right causal masks (models/te_attention.py).
+    MoE models get megatron's MoE layer (router, dispatcher, experts: grouped
+    GEMM or sequential)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     from megatron_dpo.models.attention import SDPAttention, with_core_attention
 
+    moe = dict(num_experts=arch.num_experts, moe_grouped_gemm=moe_grouped_gemm) if arch.is_moe else {}
     if use_te:
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm, **moe)
         if not prefix_sharing:
             return spec
         from megatron_dpo.models.te_attention import TEPrefixSharedAttention
 
         return with_core_attention(spec, TEPrefixSharedAttention)
     return with_core_attention(gpt_layer_specs.get_gpt_layer_local_spec(
-        qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"
+        qk_layernorm=arch.qk_layernorm, normalization="RMSNorm", **moe
     ), SDPAttention)
+
+
+def moe_config_fields(arch: ModelArchitecture, ctx: ParallelDims, moe: MoESettings, grouped_gemm: bool) -> dict:
+    """TransformerConfig's MoE fields; none for a dense model. Routing is
+    dropless (no capacity factor), the router computes in fp32."""
+    if not arch.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_topk=arch.moe_router_topk,
+        moe_router_pre_softmax=arch.moe_router_pre_softmax,
+        moe_router_dtype="fp32",
+        moe_grouped_gemm=grouped_gemm,
+        moe_token_dispatcher_type=moe.token_dispatcher_type,
+        moe_router_load_balancing_type=moe.router_load_balancing_type,
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
+        moe_z_loss_coeff=moe.z_loss_coeff,
+        expert_model_parallel_size=ctx.ep_size,
+        expert_tensor_parallel_size=ctx.etp_size,
+    )
 
 
 def transformer_config(
@@ -54,9 +96,12 @@ def transformer_config(
     sequence_parallel: bool = False,
     activation_checkpointing: bool = False,
     fusions: Optional[dict] = None,
+    moe: Optional[MoESettings] = None,
+    moe_grouped_gemm: bool = False,
     use_cpu_initialization: bool = False,
 ):
     """``fusions``: KernelPlan.fusions (models/kernels.py); None: all off.
+    ``moe``: routing settings of an MoE model; None: megatron's defaults.
     ``use_cpu_initialization``: megatron allocates and initialises on the CPU
     (conversion), not on ``torch.cuda.current_device()``."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -105,6 +150,7 @@ def transformer_config(
         # which DDP, grad clipping and sharding rely on, when it initialises them.
         perform_initialization=True,
         use_cpu_initialization=use_cpu_initialization,
+        **moe_config_fields(arch, ctx, moe or MoESettings(), moe_grouped_gemm),
     )
 
 
@@ -118,6 +164,7 @@ def build_model(
     prefix_sharing: bool = False,
     kernels: Optional[KernelPlan] = None,
     for_conversion: bool = False,
+    moe: Optional[MoESettings] = None,
 ) -> List[torch.nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage), on the run
     device; ``for_conversion``: on the CPU with the local spec, on any node.
@@ -126,6 +173,7 @@ def build_model(
     keeps the last stage's logits in fp32. ``prefix_sharing``: the model will
     see prefix-shared packed batches (data.prefix_sharing). ``kernels``: the
     run's resolved plan (models/kernels.py); None: every setting ``auto``.
+    ``moe``: routing settings of an MoE model (``MoESettings``); None: defaults.
     """
     from megatron.core import parallel_state
     from megatron.core.transformer.module import Float16Module
@@ -137,8 +185,9 @@ def build_model(
     kernels = kernels or resolve_kernels({}, detect_env())
     device = get_device(for_conversion)
     config = transformer_config(arch, ctx, precision, sequence_parallel, activation_checkpointing,
-                                kernels.fusions, use_cpu_initialization=for_conversion)
-    spec = layer_spec(arch, kernels.use_te, prefix_sharing)
+                                kernels.fusions, moe, kernels.moe_grouped_gemm,
+                                use_cpu_initialization=for_conversion)
+    spec = layer_spec(arch, kernels.use_te, prefix_sharing, kernels.moe_grouped_gemm)
     num_chunks = ctx.vpp_size or 1
     chunks = []
     for vp_stage in range(num_chunks):

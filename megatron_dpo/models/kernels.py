@@ -23,6 +23,11 @@ checks, per fusion:
   ``ColumnParallelLinear``, which imports apex's ``fused_weight_gradient_mlp_cuda``
   and raises at build without it (tensor_parallel/layers.py). So ``auto``
   turns it on only with TE, CUDA and that apex extension.
+
+Mixture-of-Experts models (``moe_grouped_gemm``): TE's grouped-GEMM experts
+(``TEGroupedMLP``, all local experts in one kernel) with TE and CUDA, else
+megatron's ``SequentialMLP`` (one MLP per local expert, a loop); ``true``
+without TE and CUDA is refused. Dense models ignore it.
 """
 
 import importlib.util
@@ -52,6 +57,7 @@ class KernelPlan:
     attention: str  # padded/packed batches' core attention
     prefix_attention: str  # prefix-shared batches' core attention
     fusions: Dict[str, bool]
+    moe_grouped_gemm: bool = False  # MoE experts: TE grouped GEMM, else sequential
 
     @property
     def use_te(self) -> bool:
@@ -59,8 +65,10 @@ class KernelPlan:
 
     def describe(self) -> str:
         on = [name for name, value in self.fusions.items() if value]
+        experts = "grouped GEMM" if self.moe_grouped_gemm else "sequential"
         return (f"layer spec {self.layer_spec}; attention {self.attention} "
-                f"(prefix-shared: {self.prefix_attention}); fusions on: {', '.join(on) or 'none'}")
+                f"(prefix-shared: {self.prefix_attention}); fusions on: {', '.join(on) or 'none'}; "
+                f"MoE experts: {experts}")
 
 
 def detect_env() -> KernelEnv:
@@ -111,6 +119,18 @@ def prefix_attention(env: KernelEnv) -> str:
     return PREFIX_SDPA_GPU_FALLBACK if env.cuda else PREFIX_SDPA
 
 
+def resolve_moe_grouped_gemm(setting: str, env: KernelEnv) -> bool:
+    """Grouped-GEMM experts (TE, CUDA) or sequential ones; ``setting``: auto/true/false."""
+    value = str(setting).lower()
+    if value not in SWITCH_VALUES:
+        raise ValueError(f"policy.megatron_cfg.moe_grouped_gemm={value!r}: choose one of {', '.join(SWITCH_VALUES)}")
+    available = env.te and env.cuda
+    if value == "true" and not available:
+        raise ValueError(f"policy.megatron_cfg.moe_grouped_gemm=true needs Transformer Engine and CUDA ({env}); "
+                         "set it to auto or false (sequential experts)")
+    return available if value == "auto" else value == "true"
+
+
 def resolve_kernels(settings: Mapping[str, str], env: KernelEnv) -> KernelPlan:
     use_te = env.te and env.cuda
     return KernelPlan(
@@ -118,6 +138,7 @@ def resolve_kernels(settings: Mapping[str, str], env: KernelEnv) -> KernelPlan:
         attention="TE DotProductAttention (THD for packed rows)" if use_te else "SDPA",
         prefix_attention=prefix_attention(env),
         fusions=resolve_fusions(settings, env),
+        moe_grouped_gemm=resolve_moe_grouped_gemm(settings.get("moe_grouped_gemm", "auto"), env),
     )
 
 
@@ -134,5 +155,5 @@ def sequence_parallel_problem(sequence_parallel: bool, env: KernelEnv) -> Option
 
 
 def fusion_settings(megatron_cfg) -> Dict[str, str]:
-    """The fusion keys of a ``policy.megatron_cfg`` sub-config."""
-    return {name: getattr(megatron_cfg, name) for name in FUSIONS}
+    """The fusion keys (and ``moe_grouped_gemm``) of a ``policy.megatron_cfg`` sub-config."""
+    return {name: getattr(megatron_cfg, name) for name in (*FUSIONS, "moe_grouped_gemm")}

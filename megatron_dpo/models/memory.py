@@ -24,6 +24,12 @@ adds one 16-bit weight gradient of the largest linear (the output layer) as a
 transient. CUDA context, cuBLAS workspaces and NCCL buffers are one fixed row
 (``RUNTIME_BYTES`` plus ``NCCL_BYTES_PER_GROUP`` for each of TP, PP, DP
 larger than 1). Not counted: allocator fragmentation.
+Mixture-of-Experts models: expert weights are split over EP x expert-TP
+(not TP), the router is replicated, and the distributed optimizer shards
+expert state over the expert-data-parallel ranks (world / (expert-TP x EP x
+PP)). Activations use the dense formula (a rough stand-in for routed tokens:
+top-k x the expert FFN width, which for Qwen3-30B-A3B and Mixtral is 3-7x
+hidden where the formula assumes 4x); the all-to-all buffers are not counted.
 LoRA runs (policy.lora_cfg.enabled): the base weights once, frozen (no
 grads, no optimizer state, no reference copy); grads and Adam state for the
 adapters only (models/lora.py's shapes).
@@ -41,7 +47,7 @@ from typing import List, Tuple
 
 from megatron_dpo.config.schema import Config, LoraConfig, lora_hf_targets
 from megatron_dpo.models.architecture import ModelArchitecture
-from megatron_dpo.models.weights import canonical_names, full_shape
+from megatron_dpo.models.weights import canonical_names, full_shape, is_expert_param
 from megatron_dpo.parallel.dims import ParallelDims
 
 GIB = 2**30
@@ -64,22 +70,42 @@ class MemoryEstimate:
         return sum(size for _, size in self.rows)
 
 
-def stage_parameters(arch: ModelArchitecture, tp_size: int, pp_size: int) -> List[int]:
-    """Parameters held by one GPU of each pipeline stage (its TP shard)."""
+def _split(name: str, tp_size: int, ep_size: int, etp_size: int) -> int:
+    """Over how many GPUs of a stage one canonical tensor is split."""
+    if name.endswith(("layernorm.weight", "mlp.router.weight")):
+        return 1
+    return ep_size * etp_size if is_expert_param(name) else tp_size
+
+
+def stage_parameters(arch: ModelArchitecture, tp_size: int, pp_size: int, ep_size: int = 1, etp_size: int = 1,
+                     experts_only: bool = False) -> List[int]:
+    """Parameters held by one GPU of each pipeline stage (its TP shard and, for
+    MoE, its experts); ``experts_only``: count the expert weights alone."""
     layers_per_stage = arch.num_layers // pp_size
     counts = [0] * pp_size
     for name in canonical_names(arch):
+        if experts_only and not is_expert_param(name):
+            continue
         shape = list(full_shape(name, arch))
         if name in _VOCAB_PARAMS:
             shape[0] = arch.padded_vocab_size(tp_size)
-        numel = math.prod(shape) // (1 if name.endswith("layernorm.weight") else tp_size)
+        numel = math.prod(shape) // _split(name, tp_size, ep_size, etp_size)
         if name.startswith("decoder.layers."):
             counts[int(name.split(".")[2]) // layers_per_stage] += numel
         else:
             counts[0 if name.startswith("embedding.") else -1] += numel
-    if arch.tie_word_embeddings and pp_size > 1:  # the last stage keeps its own copy of the embedding
+    if arch.tie_word_embeddings and pp_size > 1 and not experts_only:  # the last stage's copy of the embedding
         counts[-1] += arch.padded_vocab_size(tp_size) * arch.hidden_size // tp_size
     return counts
+
+
+def active_parameters(arch: ModelArchitecture) -> int:
+    """Parameters one token passes through: all but the experts it is not routed to."""
+    total = sum(stage_parameters(arch, 1, 1))
+    if not arch.is_moe:
+        return total
+    experts = sum(stage_parameters(arch, 1, 1, experts_only=True))
+    return total - experts * (arch.num_experts - arch.moe_router_topk) // arch.num_experts
 
 
 def lora_stage_parameters(arch: ModelArchitecture, lora_cfg: LoraConfig, tp_size: int, pp_size: int) -> List[int]:
@@ -150,6 +176,18 @@ def _logits_bytes(arch: ModelArchitecture, cfg: Config, layout: ParallelDims) ->
     return elements * (4 + sixteen_bit) + 2 * CHUNK_BYTES
 
 
+def _optimizer_params(arch: ModelArchitecture, layout: ParallelDims, stage: int, params: int,
+                      distributed: bool) -> float:
+    """The stage's parameters whose Adam state one GPU holds: with the distributed
+    optimizer dense ones sharded over DP, experts over the expert-DP ranks."""
+    if not distributed:
+        return params
+    experts = stage_parameters(arch, layout.tp_size, layout.pp_size, layout.ep_size, layout.etp_size,
+                               experts_only=True)[stage] if arch.is_moe else 0
+    expert_dp = layout.world_size // (layout.etp_size * layout.ep_size * layout.pp_size)
+    return (params - experts) / layout.dp_size + experts / expert_dp
+
+
 def _stage_rows(arch: ModelArchitecture, cfg: Config, layout: ParallelDims, stage: int, params: int):
     precision = cfg.policy.precision
     weight_bytes = _WEIGHT_BYTES[precision]
@@ -175,7 +213,7 @@ def _stage_rows(arch: ModelArchitecture, cfg: Config, layout: ParallelDims, stag
     return [
         (f"policy weights ({precision})", params * weight_bytes),
         ("policy grads (fp32)", params * 4),
-        (f"optimizer ({optimizer_what})", params * optimizer_bytes / shards),
+        (f"optimizer ({optimizer_what})", _optimizer_params(arch, layout, stage, params, distributed) * optimizer_bytes),
         (f"reference weights (reference.mode={cfg.reference.mode})", reference),
         ("activations (rough)", _activation_bytes(arch, cfg, layout, stage)),
         ("logits + log-softmax", _logits_bytes(arch, cfg, layout) if is_last else 0),
@@ -187,6 +225,7 @@ def estimate_memory(arch: ModelArchitecture, cfg: Config, layout: ParallelDims) 
     """The estimate for the pipeline stage that needs the most memory."""
     estimates = [
         MemoryEstimate(stage, params, _stage_rows(arch, cfg, layout, stage, params))
-        for stage, params in enumerate(stage_parameters(arch, layout.tp_size, layout.pp_size))
+        for stage, params in enumerate(stage_parameters(arch, layout.tp_size, layout.pp_size, layout.ep_size,
+                                                         layout.etp_size))
     ]
     return max(estimates, key=lambda estimate: estimate.total_bytes)

@@ -1,4 +1,4 @@
-"""Built-in model presets: tiny Llama-style models for CPU demos and tests.
+"""Built-in model presets: tiny Llama-style (dense and MoE) models for CPU demos and tests.
 
 A preset has no pretrained weights: its initial weights are drawn by
 ``weights.init_weights`` from the run seed, identically for every parallel
@@ -35,6 +35,22 @@ PRESETS = {
         max_position_embeddings=1024,
         rotary_base=500000.0,
         tie_word_embeddings=True,
+    ),
+    # Mixture of Experts, Mixtral-style (exports as MixtralForCausalLM).
+    "tiny-moe": ModelArchitecture(
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=0,
+        max_position_embeddings=1024,
+        rotary_base=10000.0,
+        tie_word_embeddings=False,
+        num_experts=4,
+        moe_ffn_hidden_size=64,
+        moe_router_topk=2,
+        hf_architecture="MixtralForCausalLM",
     ),
 }
 

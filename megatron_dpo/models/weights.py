@@ -16,6 +16,7 @@ bit-identical weights (the layout-equivalence tests depend on it).
 """
 
 import math
+import re
 import zlib
 from typing import Callable, Iterator, List, Tuple
 
@@ -31,11 +32,31 @@ _TE_TO_LOCAL = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
 _VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+# MoE experts: canonical names number experts globally, as a model with EP1
+# holds them (``mlp.experts.local_experts.{e}.linear_fc1.weight``); a rank's
+# local expert j is global expert (EP rank x local experts + j). TE's grouped
+# GEMM keeps one weight per local expert in one module (``linear_fc1.weight{j}``).
+_LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
+_GROUPED_EXPERT = re.compile(r"\.mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
 
 
-def canonical_name(local_name: str, offset: int, tie_word_embeddings: bool) -> str:
-    """Local parameter name of a chunk -> canonical global name."""
-    name = local_name
+def _global_expert(name: str, expert_offset: int) -> str:
+    grouped = _GROUPED_EXPERT.search(name)
+    if grouped:
+        linear, index = grouped.groups()
+        return (name[: grouped.start()] + f".mlp.experts.local_experts.{int(index) + expert_offset}."
+                f"{linear}.weight")
+    return _LOCAL_EXPERT.sub(lambda m: f".mlp.experts.local_experts.{int(m.group(1)) + expert_offset}.", name)
+
+
+def is_expert_param(name: str) -> bool:
+    return ".mlp.experts." in name
+
+
+def canonical_name(local_name: str, offset: int, tie_word_embeddings: bool, expert_offset: int = 0) -> str:
+    """Local parameter name of a chunk -> canonical global name (``expert_offset``:
+    the global index of this rank's first expert)."""
+    name = _global_expert(local_name, expert_offset) if is_expert_param(local_name) else local_name
     for te_suffix, local_suffix in _TE_TO_LOCAL.items():
         if name.endswith(te_suffix):
             name = name[: -len(te_suffix)] + local_suffix
@@ -53,8 +74,17 @@ def named_shards(chunks: List[torch.nn.Module], arch: ModelArchitecture) -> Iter
     for chunk in chunks:
         gpt = unwrap(chunk)
         offset = layer_offset(chunk)
+        expert_offset = _expert_offset(gpt)
         for local_name, param in gpt.named_parameters():
-            yield canonical_name(local_name, offset, arch.tie_word_embeddings), param
+            yield canonical_name(local_name, offset, arch.tie_word_embeddings, expert_offset), param
+
+
+def _expert_offset(gpt: torch.nn.Module) -> int:
+    """Global index of this rank's first expert (megatron's MoELayer.local_expert_indices); 0 if dense."""
+    for module in gpt.modules():
+        if hasattr(module, "local_expert_indices"):
+            return module.local_expert_indices[0]
+    return 0
 
 
 def _pad_vocab(name: str, full: torch.Tensor, padded_vocab: int) -> torch.Tensor:
@@ -65,14 +95,16 @@ def _pad_vocab(name: str, full: torch.Tensor, padded_vocab: int) -> torch.Tensor
 
 
 def tp_shard(name: str, full: torch.Tensor, param: torch.Tensor, ctx: ParallelDims) -> torch.Tensor:
-    """This TP rank's slice of a full tensor, as megatron-core lays it out."""
-    if not getattr(param, "tensor_model_parallel", False) or ctx.tp_size == 1:
+    """This TP rank's slice of a full tensor, as megatron-core lays it out
+    (experts: over the expert-tensor-parallel group)."""
+    tp_size, tp_rank = (ctx.etp_size, ctx.etp_rank) if is_expert_param(name) else (ctx.tp_size, ctx.tp_rank)
+    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
         return full
     dim = param.partition_dim
-    if ".mlp.linear_fc1." in name:
+    if name.endswith("linear_fc1.weight") and ".mlp." in name:
         gate, up = full.chunk(2, dim=dim)
-        return torch.cat([gate.chunk(ctx.tp_size, dim)[ctx.tp_rank], up.chunk(ctx.tp_size, dim)[ctx.tp_rank]], dim)
-    return full.chunk(ctx.tp_size, dim=dim)[ctx.tp_rank]
+        return torch.cat([gate.chunk(tp_size, dim)[tp_rank], up.chunk(tp_size, dim)[tp_rank]], dim)
+    return full.chunk(tp_size, dim=dim)[tp_rank]
 
 
 @torch.no_grad()
@@ -113,17 +145,26 @@ def full_shape(name: str, arch: ModelArchitecture) -> Tuple[int, ...]:
         "self_attention.k_layernorm.weight": (head_dim,),
         "mlp.linear_fc1.weight": (2 * arch.ffn_hidden_size, arch.hidden_size),
         "mlp.linear_fc2.weight": (arch.hidden_size, arch.ffn_hidden_size),
+        "mlp.router.weight": (arch.num_experts, arch.hidden_size),
+        "mlp.experts.linear_fc1.weight": (2 * (arch.moe_ffn_hidden_size or 0), arch.hidden_size),
+        "mlp.experts.linear_fc2.weight": (arch.hidden_size, arch.moe_ffn_hidden_size),
     }
     key = name.split(".", 3)[3] if name.startswith("decoder.layers.") else name
-    return shapes[key]
+    return shapes[re.sub(r"local_experts\.\d+\.", "", key)]
 
 
 def canonical_names(arch: ModelArchitecture) -> List[str]:
     """Every canonical tensor of the model, in order: embedding, layers, final norm, output."""
     per_layer = [
         "input_layernorm.weight", "self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
-        "pre_mlp_layernorm.weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight",
+        "pre_mlp_layernorm.weight",
     ]
+    if arch.is_moe:
+        per_layer.append("mlp.router.weight")
+        per_layer += [f"mlp.experts.local_experts.{e}.{linear}.weight"
+                      for e in range(arch.num_experts) for linear in ("linear_fc1", "linear_fc2")]
+    else:
+        per_layer += ["mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
     if arch.add_qkv_bias:
         per_layer.append("self_attention.linear_qkv.bias")
     if arch.qk_layernorm:

@@ -38,6 +38,8 @@ _FACTORIES = (
     "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
 )
 
+_TENSOR_FACTORIES = ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor")
+
 _applied = False
 
 
@@ -98,6 +100,9 @@ def _patch_torch_for_cpu() -> None:
     for name in _FACTORIES:
         setattr(torch, name, _redirect_device_kwarg(getattr(torch, name)))
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    # tensor.new_empty(..., device=torch.cuda.current_device()): the MoE all-to-all (mappings._AllToAll).
+    for name in _TENSOR_FACTORIES:
+        setattr(torch.Tensor, name, _redirect_device_kwarg(getattr(torch.Tensor, name)))
     torch.Tensor.to = _tensor_to(torch.Tensor.to)
     torch.Tensor.type = _tensor_type(torch.Tensor.type)
     torch.cuda.current_device = lambda: 0
@@ -109,6 +114,54 @@ def _patch_torch_for_cpu() -> None:
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+    # Streams and events: the MoE all-to-all token dispatcher moves its split
+    # sizes to the host on a side stream (token_dispatcher.py,
+    # MoEAlltoAllTokenDispatcher). On CPU every op is synchronous: one stream.
+    torch.cuda.Stream = _CpuStream
+    torch.cuda.Event = _CpuEvent
+    torch.cuda.current_stream = lambda device=None: _CPU_STREAM
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+
+
+class _CpuStream:
+    """``torch.cuda.Stream`` on CPU: work is synchronous, so waiting is a no-op."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event or _CpuEvent()
+
+
+class _CpuEvent:
+    """``torch.cuda.Event`` on CPU: always complete."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_CPU_STREAM = _CpuStream()
 
 
 def _patch_megatron_for_cpu() -> None:
@@ -136,6 +189,36 @@ def _patch_megatron_for_cpu() -> None:
         return norm
 
     torch_norm.WrappedTorchNorm.__new__ = staticmethod(wrapped_norm_new)
+
+    # The MoE all-to-all dispatcher hands its split sizes to all_to_all_single
+    # as numpy arrays, made by moe_utils.maybe_move_tensor_to_cpu(as_numpy=True)
+    # only for CUDA tensors; a CPU tensor stays a tensor, which the process
+    # group's all_to_all_single refuses. Convert CPU tensors too.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    def move_to_host(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.numpy()
+        return tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = move_to_host
+
+
+def _patch_megatron_fixes() -> None:
+    """Bug fixes that hit GPU users too (active everywhere).
+
+    - ``moe_utils.te_general_gemm``: megatron-core 0.16.1 imports it only when
+      Transformer Engine is importable, but the router's fp32 GEMM
+      (``RouterGatingLinearFunction``, moe_utils.py) tests ``te_general_gemm is
+      not None`` unconditionally, so any MoE model without TE raises
+      ``NameError`` on its first forward. Upstream defines it as None in the
+      ImportError branch on main (NVIDIA/Megatron-LM, megatron/core/transformer/
+      moe/moe_utils.py); defining it here does the same.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def _check_version() -> None:
@@ -382,6 +465,7 @@ def apply() -> None:
         _check_version()
         _patch_torch_for_cpu()
         _patch_megatron_for_cpu()
+    _patch_megatron_fixes()
     _patch_safe_loading()
     _patch_single_rank_checkpoint_writes()
     _applied = True

@@ -25,6 +25,10 @@ class ParallelDims:
     pp_size: int
     dp_size: int  # world_size // (tp_size * pp_size)
     vpp_size: Optional[int] = None  # model chunks per pipeline rank; None: no interleaving
+    # Mixture of Experts: experts split over ep_size ranks, each expert over
+    # etp_size ranks (megatron's expert-model / expert-tensor parallel sizes).
+    ep_size: int = 1
+    etp_size: int = 1
     # Per training step per DP rank: global batch / (micro batch x DP).
     num_microbatches: int = 1
     # This rank's place, filled in by init_parallel (0 / None before).
@@ -32,28 +36,35 @@ class ParallelDims:
     tp_rank: int = 0
     pp_rank: int = 0
     dp_rank: int = 0
+    ep_rank: int = 0
+    etp_rank: int = 0
     tp_group: object = None
     pp_group: object = None
     dp_group: object = None
 
     @classmethod
     def resolve(cls, policy_cfg: PolicyConfig, world_size: int, num_layers: int,
-                num_attention_heads: int, num_query_groups: int) -> "ParallelDims":
-        """The checked layout of the policy config on ``world_size`` ranks."""
+                num_attention_heads: int, num_query_groups: int,
+                num_experts: Optional[int] = None) -> "ParallelDims":
+        """The checked layout of the policy config on ``world_size`` ranks
+        (``num_experts``: the model's, None for a dense model)."""
         megatron_cfg = policy_cfg.megatron_cfg
         dp_size, num_microbatches = check_layout(policy_cfg, world_size, num_layers, num_attention_heads,
-                                                 num_query_groups)
+                                                 num_query_groups, num_experts)
         return cls(world_size=world_size, tp_size=megatron_cfg.tensor_model_parallel_size,
                    pp_size=megatron_cfg.pipeline_model_parallel_size, dp_size=dp_size,
                    vpp_size=megatron_cfg.virtual_pipeline_model_parallel_size,
+                   ep_size=megatron_cfg.expert_model_parallel_size,
+                   etp_size=megatron_cfg.expert_tensor_parallel_size,
                    num_microbatches=num_microbatches)
 
     @classmethod
     def of_sizes(cls, world_size: int, tp_size: int = 1, pp_size: int = 1,
-                 vpp_size: Optional[int] = None) -> "ParallelDims":
+                 vpp_size: Optional[int] = None, ep_size: int = 1, etp_size: int = 1) -> "ParallelDims":
         """A layout from sizes alone (conversion, tests); DP fills the rest of the world."""
         return cls(world_size=world_size, tp_size=tp_size, pp_size=pp_size,
-                   dp_size=world_size // (tp_size * pp_size), vpp_size=vpp_size)
+                   dp_size=world_size // (tp_size * pp_size), vpp_size=vpp_size, ep_size=ep_size,
+                   etp_size=etp_size)
 
     def with_ranks(self, **ranks_and_groups) -> "ParallelDims":
         return dataclasses.replace(self, **ranks_and_groups)
@@ -73,9 +84,14 @@ class ParallelDims:
     def sizes(self) -> Dict[str, Optional[int]]:
         """What a checkpoint records of the layout (per-rank state is valid only
         for the same sizes)."""
-        return {"tp": self.tp_size, "pp": self.pp_size, "dp": self.dp_size, "vpp": self.vpp_size}
+        sizes = {"tp": self.tp_size, "pp": self.pp_size, "dp": self.dp_size, "vpp": self.vpp_size}
+        if (self.ep_size, self.etp_size) != (1, 1):  # dense layouts keep the keys they always had
+            sizes.update(ep=self.ep_size, etp=self.etp_size)
+        return sizes
 
     def describe(self) -> str:
         vpp = f" (x VPP {self.vpp_size})" if self.vpp_size else ""
-        return (f"{self.world_size} rank(s) = TP {self.tp_size} x PP {self.pp_size}{vpp} x DP {self.dp_size}; "
+        experts = (f"; experts over EP {self.ep_size} x expert-TP {self.etp_size}"
+                   if (self.ep_size, self.etp_size) != (1, 1) else "")
+        return (f"{self.world_size} rank(s) = TP {self.tp_size} x PP {self.pp_size}{vpp} x DP {self.dp_size}{experts}; "
                 f"{self.num_microbatches} micro-batches per rank per step")

@@ -10,8 +10,6 @@ sets up.
 import datetime
 import os
 import socket
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
@@ -68,16 +66,17 @@ def init_parallel(dims: ParallelDims, seed: int) -> ParallelDims:
     init_distributed()
     if dist.get_world_size() != dims.world_size:
         raise ValueError(f"{dims.describe()} does not match the world size {dist.get_world_size()}")
-    tp_size, pp_size, vpp_size = dims.tp_size, dims.pp_size, dims.vpp_size
     # Already set up with these sizes: keep the groups, which models built
     # before still use (scripts/benchmark.py holds several runs at once).
-    if not _initialized_as(tp_size, pp_size, vpp_size):
+    if not _initialized_as(dims):
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp_size,
-            pipeline_model_parallel_size=pp_size,
-            virtual_pipeline_model_parallel_size=vpp_size,
+            tensor_model_parallel_size=dims.tp_size,
+            pipeline_model_parallel_size=dims.pp_size,
+            virtual_pipeline_model_parallel_size=dims.vpp_size,
+            expert_model_parallel_size=dims.ep_size,
+            expert_tensor_parallel_size=dims.etp_size,
         )
     # Same default stream on every rank (replicated weights and data order
     # agree), a TP-rank-specific one inside megatron's RNG tracker.
@@ -89,19 +88,23 @@ def init_parallel(dims: ParallelDims, seed: int) -> ParallelDims:
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        etp_rank=parallel_state.get_expert_tensor_parallel_rank(),
         dp_group=parallel_state.get_data_parallel_group(),
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         pp_group=parallel_state.get_pipeline_model_parallel_group(),
     )
 
 
-def _initialized_as(tp_size: int, pp_size: int, vpp_size: Optional[int]) -> bool:
+def _initialized_as(dims: ParallelDims) -> bool:
     from megatron.core import parallel_state
 
     return (parallel_state.model_parallel_is_initialized()
-            and parallel_state.get_tensor_model_parallel_world_size() == tp_size
-            and parallel_state.get_pipeline_model_parallel_world_size() == pp_size
-            and parallel_state.get_virtual_pipeline_model_parallel_world_size() == vpp_size)
+            and parallel_state.get_tensor_model_parallel_world_size() == dims.tp_size
+            and parallel_state.get_pipeline_model_parallel_world_size() == dims.pp_size
+            and parallel_state.get_virtual_pipeline_model_parallel_world_size() == dims.vpp_size
+            and parallel_state.get_expert_model_parallel_world_size() == dims.ep_size
+            and parallel_state.get_expert_tensor_parallel_world_size() == dims.etp_size)
 
 
 def shutdown() -> None:

@@ -210,8 +210,9 @@ def _nonfinite_weight(chunks) -> Optional[str]:
 def check_optimizer_layout(directory: str, optimizer_format: str, saved_layout: dict, layout: dict) -> None:
     """dp_reshardable optimizer state follows the saved TP/PP/VPP (its DP
     shards are the gradient buffer's buckets): refuse another model-parallel
-    layout before loading anything."""
-    keys = ("tp", "pp", "vpp")
+    layout before loading anything (MoE: expert layout included)."""
+    keys = ("tp", "pp", "vpp", *(k for k in ("ep", "etp") if k in saved_layout or k in layout))
+    saved_layout, layout = ({"ep": 1, "etp": 1, **sizes} for sizes in (saved_layout, layout))  # dense: no ep keys
     if optimizer_format == "dp_reshardable" and any(saved_layout.get(k) != layout.get(k) for k in keys):
         raise ConfigError(
             f"cannot resume from {directory} at another model-parallel layout: its optimizer state was saved "

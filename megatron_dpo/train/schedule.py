@@ -33,6 +33,16 @@ megatron-core contracts relied on here (0.16.1, ``schedules.forward_step``):
   row: [T, 1, hidden]).
 - ``packed_seq_params`` given to ``GPTModel.forward`` reaches every layer's
   core attention (models/attention.py) on every pipeline stage.
+- MoE router losses (load balancing, z-loss): the router reads
+  ``config.moe_aux_loss_coeff`` / ``moe_z_loss_coeff`` at each forward, only
+  in training mode with grad enabled (never in the reference pass), and with
+  ``calculate_per_token_loss`` attaches ``coeff x loss x local tokens`` to the
+  backward (``MoEAuxLossAutoScaler``, scale 1 in fp32), which
+  ``finalize_model_grads`` then divides by the global pair count like the DPO
+  loss. Setting the coefficient to ``coeff x pairs / local tokens`` of each
+  micro-batch (``RouterLossCoeffs``) makes the policy's gradient that of
+  ``mean DPO loss + coeff x pair-weighted mean router loss`` over the global
+  batch, whatever the layout.
 
 Shape suffixes: B pairs, 2B sequences, S sequence length, V vocabulary (local to a TP rank).
 """
@@ -54,6 +64,30 @@ METRIC_SUMS = (
     "loss", "preference_loss", "sft_loss", "chosen_reward", "rejected_reward",
     "reward_margin", "accuracy", "chosen_logps", "rejected_logps",
 )
+
+
+@dataclass(frozen=True)
+class RouterLossCoeffs:
+    """An MoE policy's router-loss coefficients per pair (``policy.megatron_cfg``'s
+    moe_aux_loss_coeff, moe_z_loss_coeff) and how its tokens split over TP
+    (sequence parallelism: each TP rank routes its share of the tokens)."""
+
+    aux_loss: float
+    z_loss: Optional[float]
+    tp_split: int  # TP size with sequence parallelism, else 1
+
+
+def _set_router_loss_coeffs(coeffs: Optional[RouterLossCoeffs], batch: Dict[str, torch.Tensor], model) -> None:
+    if coeffs is None:
+        return
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model)
+    num_pairs = batch.get("num_sequences", batch["tokens"].shape[0]) // 2
+    per_token = num_pairs / (batch["tokens"].numel() // coeffs.tp_split)
+    config.moe_aux_loss_coeff = coeffs.aux_loss * per_token
+    if coeffs.z_loss is not None:
+        config.moe_z_loss_coeff = coeffs.z_loss * per_token
 
 
 @dataclass
@@ -118,8 +152,10 @@ def reference_forward_step(vocab_size: int, data_iterator, model):
     return _forward_logits(batch, model), partial(_reference_loss_func, batch, vocab_size)
 
 
-def policy_forward_step(vocab_size: int, loss_cfg: LossConfig, data_iterator, model):
+def policy_forward_step(vocab_size: int, loss_cfg: LossConfig, router_coeffs: Optional[RouterLossCoeffs],
+                        data_iterator, model):
     batch, reference_logps_2B = next(data_iterator)
+    _set_router_loss_coeffs(router_coeffs, batch, model)
     return _forward_logits(batch, model), partial(_policy_loss_func, batch, reference_logps_2B, vocab_size, loss_cfg)
 
 
@@ -154,10 +190,12 @@ def reference_pass(reference_chunks, microbatches: List[dict], seq_length: int,
 def policy_pass(
     policy_chunks, microbatches: List[dict], reference_logps: List[Optional[torch.Tensor]], seq_length: int,
     vocab_size: int, loss_cfg: LossConfig, forward_only: bool = False,
+    router_coeffs: Optional[RouterLossCoeffs] = None,
 ) -> PolicyPassResult:
     """Forward (and backward) of the policy; ``reference_logps[i]`` ([2B]) goes
-    with ``microbatches[i]`` (None off the last stage, where it is not read)."""
-    outputs = _run(partial(policy_forward_step, vocab_size, loss_cfg), policy_chunks, microbatches,
+    with ``microbatches[i]`` (None off the last stage, where it is not read).
+    ``router_coeffs``: an MoE policy's router-loss coefficients; None: dense."""
+    outputs = _run(partial(policy_forward_step, vocab_size, loss_cfg, router_coeffs), policy_chunks, microbatches,
                    reference_logps, seq_length, forward_only=forward_only, collect_non_loss_data=False)
     sums = torch.zeros(len(METRIC_SUMS) + 1, dtype=torch.float64)
     for output in outputs:

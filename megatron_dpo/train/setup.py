@@ -30,7 +30,7 @@ from megatron_dpo.data import DataError, TokenizeResult, open_tokenized, split_p
 from megatron_dpo.logging import timed
 from megatron_dpo.loss.registry import check_loss_config, get_preference_loss
 from megatron_dpo.models.architecture import ModelArchitecture
-from megatron_dpo.models.build import build_model
+from megatron_dpo.models.build import MoESettings, build_model
 from megatron_dpo.models.lora import apply_lora, fresh_adapter, read_peft_adapter, reference_adapters
 from megatron_dpo.models.kernels import (KernelPlan, detect_env, fusion_settings, resolve_kernels,
                                          sequence_parallel_problem)
@@ -142,7 +142,8 @@ def build_chunks(cfg: Config, arch: ModelArchitecture, dims: ParallelDims, train
     megatron_cfg = cfg.policy.megatron_cfg
     return build_model(arch, dims, cfg.policy.precision, megatron_cfg.sequence_parallel,
                        megatron_cfg.activation_checkpointing, trainable=trainable,
-                       prefix_sharing=cfg.data.prefix_sharing, kernels=kernel_plan(cfg))
+                       prefix_sharing=cfg.data.prefix_sharing, kernels=kernel_plan(cfg),
+                       moe=MoESettings.from_megatron_cfg(megatron_cfg))
 
 
 def build_from_source(cfg: Config, source: ModelSource, dims: ParallelDims, trainable: bool) -> List[torch.nn.Module]:
@@ -170,7 +171,7 @@ def _prepare(cfg: Config, source: Optional[ModelSource]):
     source = source or resolve_source(cfg.policy)
     arch = source.arch
     dims = ParallelDims.resolve(cfg.policy, dist.get_world_size(), arch.num_layers, arch.num_attention_heads,
-                                arch.num_query_groups)
+                                arch.num_query_groups, arch.num_experts)
     paths = split_paths(cfg.data)
     if len(paths) > 1:
         resolve_val_num_microbatches(cfg.dpo, dims)

@@ -13,7 +13,8 @@ from megatron_dpo.data import TokenizedPair, make_microbatches
 from megatron_dpo.models.lora import reference_adapters
 from megatron_dpo.parallel.dims import ParallelDims
 from megatron_dpo.parallel.init import get_device
-from megatron_dpo.train.schedule import METRIC_SUMS, PolicyPassResult, policy_pass, reference_pass
+from megatron_dpo.train.router_metrics import RouterMetrics, tracked_losses
+from megatron_dpo.train.schedule import METRIC_SUMS, PolicyPassResult, RouterLossCoeffs, policy_pass, reference_pass
 
 # timer(phase) -> a context manager around "reference", "policy", "optimizer"
 # (scripts/benchmark.py times them; training passes none).
@@ -50,7 +51,26 @@ def _policy_pass(run, microbatches: List[dict], timer: PhaseTimer, forward_only:
         reference_logps = reference_logps_of(run, microbatches, seq_length)
     with timer("policy"):
         return policy_pass(run.policy, microbatches, reference_logps, seq_length, run.arch.vocab_size,
-                           run.loss_cfg, forward_only=forward_only)
+                           run.loss_cfg, forward_only=forward_only, router_coeffs=router_loss_coeffs(run))
+
+
+def _tp_split(run) -> int:
+    """TP ranks a micro-batch's tokens are split over (sequence parallelism), else 1."""
+    return run.dims.tp_size if run.cfg.policy.megatron_cfg.sequence_parallel else 1
+
+
+def _router_metrics(run) -> RouterMetrics:
+    megatron_cfg = run.cfg.policy.megatron_cfg
+    losses = tracked_losses(megatron_cfg.moe_router_load_balancing_type, megatron_cfg.moe_aux_loss_coeff,
+                            megatron_cfg.moe_z_loss_coeff)
+    return RouterMetrics(run.policy, run.arch.num_layers, run.arch.num_experts, _tp_split(run), losses)
+
+
+def router_loss_coeffs(run) -> Optional[RouterLossCoeffs]:
+    if not run.arch.is_moe:
+        return None
+    megatron_cfg = run.cfg.policy.megatron_cfg
+    return RouterLossCoeffs(megatron_cfg.moe_aux_loss_coeff, megatron_cfg.moe_z_loss_coeff, _tp_split(run))
 
 
 def num_real_tokens(pairs: List[TokenizedPair]) -> int:
@@ -85,8 +105,12 @@ def train_step(run, pairs: List[TokenizedPair], timer: PhaseTimer = nullcontext)
     for chunk in run.policy:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
-    result = _policy_pass(run, microbatches, timer, forward_only=False)
+    router = _router_metrics(run) if run.arch.is_moe else None
+    with router or nullcontext():
+        result = _policy_pass(run, microbatches, timer, forward_only=False)
     metrics = reduce_metrics(result.sums, num_real_tokens(pairs), run.dims)
+    if router is not None:
+        metrics.update(router.reduce(run.dims, len(microbatches)))
     with timer("optimizer"):
         updated, grad_norm = optimizer_step(run, metrics["loss"])
     step_time = time.perf_counter() - start

@@ -107,7 +107,9 @@ def test_dp_reshardable_optimizer_state_is_refused_at_another_model_parallel_lay
     check_optimizer_layout("step_3", "fully_reshardable", saved, dict(saved, tp=2))
     with pytest.raises(ConfigError, match="checkpointing.optimizer_format=fully_reshardable"):
         check_optimizer_layout("step_3", "dp_reshardable", saved, dict(saved, tp=2, dp=1))
-
+    # MoE: the expert layout counts too (a dense or EP1 layout records no ep / etp).
+    with pytest.raises(ConfigError, match=r"ep=2, etp=1, this run has tp=1, pp=1, vpp=None, ep=1, etp=1"):
+        check_optimizer_layout("step_3", "dp_reshardable", dict(saved, ep=2, etp=1), saved)
 
 def test_only_extra_state_keys_may_differ_between_a_checkpoint_and_the_model():
     from megatron_dpo.checkpoint.dist import key_mismatch
@@ -123,3 +125,34 @@ def test_only_extra_state_keys_may_differ_between_a_checkpoint_and_the_model():
     assert problem.startswith("1 key(s) this model has are not in the checkpoint: "
                               "decoder.layers.self_attention.q_layernorm.weight; 1 key(s) of the checkpoint have no "
                               "place in this model: optimizer.state.exp_avg.output_layer.weight.")
+
+
+def test_optimizer_state_is_rekeyed_when_the_moe_optimizer_chain_changes_length():
+    """EP2 saves two chained megatron optimizers ({0: .., 1: ..} in common.pt), EP1 loads into one (and back):
+    the group settings become this run's, the common step count stays the saved one."""
+    from types import SimpleNamespace
+
+    from megatron_dpo.checkpoint.dist import _for_this_chain, _other_chain_entry
+
+    def inner(*group_settings):
+        return SimpleNamespace(optimizer=SimpleNamespace(param_groups=[dict(s, params=["live"]) for s in group_settings]))
+
+    saved_groups = [{"wd_mult": 1.0, "is_expert_parallel": True, "lr": 9.0}]
+    # EP1 loading EP2's: this run's request (state, params) beside common.pt's two entries.
+    loaded = {"state": {0: "moments"}, "param_groups": [{"params": [0, 1]}],
+              0: {"state": {"common_step": 7}, "param_groups": saved_groups}, 1: {"state": {"common_step": 7}}}
+    ep1 = [inner({"wd_mult": 1.0, "is_expert_parallel": False, "lr": 0.1})]
+    assert _other_chain_entry(loaded, ep1) is loaded[0]
+    state = _for_this_chain(loaded, ep1)
+    assert state == {"state": {0: "moments", "common_step": 7},
+                     "param_groups": [{"wd_mult": 1.0, "is_expert_parallel": False, "lr": 0.1, "params": [0, 1]}]}
+    # EP2 loading EP1's: the request's two entries beside common.pt's single one.
+    loaded = {"state": {"common_step": 5}, "param_groups": saved_groups,
+              0: {"state": {0: "dense"}, "param_groups": [{"params": [0]}]},
+              1: {"state": {1: "experts"}, "param_groups": [{"params": [1]}]}}
+    ep2 = [inner({"wd_mult": 1.0, "is_expert_parallel": False}), inner({"wd_mult": 1.0, "is_expert_parallel": True})]
+    state = _for_this_chain(loaded, ep2)
+    assert sorted(state) == [0, 1] and state[1]["state"] == {1: "experts", "common_step": 5}
+    assert state[1]["param_groups"] == [{"wd_mult": 1.0, "is_expert_parallel": True, "params": [1]}]
+    same = {0: {"state": {}, "param_groups": []}, 1: {"state": {}, "param_groups": []}}
+    assert _other_chain_entry(same, ep2) is None and _for_this_chain(same, ep2) is same

@@ -258,3 +258,29 @@ def test_overlap_param_gather_needs_the_distributed_optimizer():
     cfg = load_config(None, [f"{key}=true", "policy.megatron_cfg.optimizer.use_distributed_optimizer=true"])
     assert ParallelDims.resolve(cfg.policy, world_size=2, num_layers=4, num_attention_heads=4,
                                 num_query_groups=4).dp_size == 2
+
+
+def test_expert_parallel_layout_errors_name_the_numbers_and_the_fix():
+    def resolve(overrides, world_size, num_experts):
+        cfg = load_config(None, [f"policy.megatron_cfg.{o}" for o in overrides])
+        return ParallelDims.resolve(cfg.policy, world_size=world_size, num_layers=4, num_attention_heads=4,
+                                    num_query_groups=4, num_experts=num_experts)
+
+    with pytest.raises(ConfigError, match=r"this model has no experts\. Set policy\.megatron_cfg\.expert_model"):
+        resolve(["expert_model_parallel_size=2"], 2, None)
+    with pytest.raises(ConfigError, match=r"num_experts\(6\) is not divisible by expert_model_parallel_size\(4\)\. "
+                                          r"Set .* to one of 1, 2, 3, 6"):
+        resolve(["expert_model_parallel_size=4"], 4, 6)
+    with pytest.raises(ConfigError, match=r"= 4 does not divide WORLD_SIZE\(2\)"):
+        resolve(["expert_model_parallel_size=2", "expert_tensor_parallel_size=2"], 2, 4)
+    with pytest.raises(ConfigError, match="moe_token_dispatcher_type"):
+        resolve(["moe_token_dispatcher_type=flex"], 2, 4)
+    with pytest.raises(ConfigError, match="Set policy.megatron_cfg.sequence_parallel=true"):
+        resolve(["tensor_model_parallel_size=2"], 2, 4)
+    cfg = load_config(None, ["policy.lora_cfg.enabled=true"])
+    with pytest.raises(ConfigError, match="Set policy.lora_cfg.enabled=false"):
+        ParallelDims.resolve(cfg.policy, world_size=1, num_layers=4, num_attention_heads=4, num_query_groups=4,
+                             num_experts=4)
+    dims = resolve(["expert_model_parallel_size=2", "pipeline_model_parallel_size=2"], 4, 4)
+    assert (dims.ep_size, dims.etp_size, dims.dp_size) == (2, 1, 2)
+    assert dims.sizes()["ep"] == 2 and "ep" not in resolve([], 2, 4).sizes()

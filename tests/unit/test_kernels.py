@@ -110,3 +110,15 @@ def test_gpu_extra_pins_the_transformer_engine_range_of_megatron_core():
     assert ">=2.9.0a0" in declared and "<2.12.0" in declared, declared
     setup_py = open(os.path.join(os.path.dirname(__file__), "..", "..", "setup.py")).read()
     assert re.search(r'"gpu": \["transformer-engine\[pytorch\]>=2\.9,<2\.12"\]', setup_py)
+
+
+def test_moe_experts_are_grouped_gemm_with_te_and_cuda_else_sequential():
+    from megatron_dpo.models.kernels import resolve_moe_grouped_gemm
+
+    for te, cuda in itertools.product((False, True), repeat=2):
+        env = KernelEnv(te=te, cuda=cuda, wgrad_kernel=False)
+        assert resolve_moe_grouped_gemm("auto", env) == (te and cuda)
+        assert resolve_moe_grouped_gemm("false", env) is False
+        assert resolve_kernels({"moe_grouped_gemm": "auto"}, env).moe_grouped_gemm == (te and cuda)
+    with pytest.raises(ValueError, match="moe_grouped_gemm=true needs Transformer Engine and CUDA"):
+        resolve_moe_grouped_gemm("true", KernelEnv(te=False, cuda=True, wgrad_kernel=False))

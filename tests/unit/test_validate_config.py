@@ -10,7 +10,7 @@ from megatron_dpo.cli import main
 from megatron_dpo.config import load_config
 from megatron_dpo.models.conversion import registry
 from megatron_dpo.models.known import HF_CONFIGS
-from megatron_dpo.models.memory import estimate_memory, stage_parameters
+from megatron_dpo.models.memory import active_parameters, estimate_memory, stage_parameters
 from megatron_dpo.parallel.dims import ParallelDims
 from tests.conftest import REPO
 
@@ -21,6 +21,8 @@ INTENDED_WORLD_SIZE = {
     "llama3.2-1b.yaml": 8,
     "llama3.1-8b-tp4.yaml": 32,
     "llama3.1-70b-tp8pp4.yaml": 32,
+    "qwen3_30b_a3b.yaml": 16,
+    "mixtral_8x7b.yaml": 32,
 }
 
 
@@ -131,3 +133,31 @@ def test_unfused_kernels_and_runtime_add_memory():
     assert unfused["activations (rough)"] > fused["activations (rough)"]
     runtime = "CUDA context, workspaces, NCCL buffers (+ unfused wgrad)"
     assert fused[runtime] == pytest.approx(0.75 * 2**30 + 2 * 0.25 * 2**30)  # TP4 and DP2 communicators
+
+
+@pytest.mark.parametrize("hub_id, total, active, published_total, published_active", [
+    # Worked out from config.json: per layer attention (q, k, v, o) + 2 norms (+ q/k norms) + router
+    # + experts x 3 x moe_ffn x hidden; plus embedding, output layer and final norm.
+    # Qwen3-30B-A3B: 48 x (18,874,368 + 4,096 + 256 + 262,144 + 128 x 4,718,592) + 2 x 311,164,928 + 2,048;
+    # active: 8 of 128 experts. Published: 30.5B, 3.3B (Qwen's card truncates 3.35).
+    ("Qwen/Qwen3-30B-A3B", 30_532_122_624, 3_353_032_704, 30.5, 3.3),
+    # Mixtral-8x7B: 32 x (41,943,040 + 8,192 + 32,768 + 8 x 176,160,768) + 2 x 131,072,000 + 4,096;
+    # active: 2 of 8 experts. Published: 46.7B, 12.9B.
+    ("mistralai/Mixtral-8x7B-v0.1", 46_702_792_704, 12_879_925_248, 46.7, 12.9),
+])
+def test_moe_parameter_counts_equal_the_published_ones(hub_id, total, active, published_total, published_active):
+    arch = _architecture(hub_id)
+    assert sum(stage_parameters(arch, 1, 1)) == total and active_parameters(arch) == active
+    assert abs(total / 1e9 - published_total) < 0.06 and abs(active / 1e9 - published_active) < 0.06
+    # With EP the experts, not the dense weights, are split: one GPU of EP8 holds 1/8 of them.
+    experts = sum(stage_parameters(arch, 1, 1, experts_only=True))
+    assert sum(stage_parameters(arch, 1, 1, ep_size=8)) == total - experts + experts // 8
+
+
+def test_moe_config_reports_active_parameters_and_the_expert_layout(capsys):
+    assert _validate("qwen3_30b_a3b.yaml", 16) == 0
+    out = capsys.readouterr().out
+    assert "30.53B parameters" in out and "3.35B active parameters per token" in out
+    assert "expert-TP 1 x EP 8 x PP 1 x expert-DP 2; 16 expert(s) per GPU" in out
+    assert _validate("qwen3_30b_a3b.yaml", 16, "policy.megatron_cfg.expert_model_parallel_size=3") == 2
+    assert "num_experts(128) is not divisible by expert_model_parallel_size(3)" in capsys.readouterr().err

@@ -66,3 +66,17 @@ def test_conversion_builds_on_the_cpu_whatever_the_node_has():
     assert device_type(cuda_available=True) == "cuda"
     assert device_type(cuda_available=True, for_conversion=True) == "cpu"
     assert device_type(cuda_available=False) == device_type(cuda_available=False, for_conversion=True) == "cpu"
+
+
+def test_expert_names_are_global_and_experts_shard_over_expert_tp():
+    # EP rank 1 of 2 with 2 local experts holds global experts 2 and 3.
+    assert canonical_name("decoder.layers.1.mlp.experts.local_experts.1.linear_fc2.weight", 2, False, 2) == \
+        "decoder.layers.3.mlp.experts.local_experts.3.linear_fc2.weight"
+    assert canonical_name("decoder.layers.0.mlp.experts.linear_fc1.weight1", 0, False, 2) == \
+        "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight"  # TE grouped GEMM
+    full = torch.arange(24.0).reshape(4, 6)
+    name = "decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"
+    tp2_ep1 = context(1)  # TP2 with expert-TP 1: experts stay whole
+    assert tp_shard(name, full, tp_param((4, 6), 1), tp2_ep1) is full
+    etp2 = ParallelDims.of_sizes(2, tp_size=2, etp_size=2).with_ranks(rank=1, tp_rank=1, etp_rank=1)
+    torch.testing.assert_close(tp_shard(name, full, tp_param((4, 3), 1), etp2), full[:, 3:])

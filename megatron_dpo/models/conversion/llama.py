@@ -7,10 +7,13 @@ as separate matrices; megatron fuses them per query group:
 
 Mistral, Qwen2 and Qwen3 keep Llama's HF tensor names, so the tensor mapping
 here serves every family of ``registry``; their modules translate configs
-only, starting from ``architecture_fields`` / ``hf_config_fields``.
+only, starting from ``architecture_fields`` / ``hf_config_fields``. The MoE
+families (Mixtral, Qwen3-MoE) keep them for attention and norms; their MoE
+block's names (``MOE_HF_NAMES``) differ per family.
 """
 
-from typing import Callable, Dict, Iterable, List, Tuple
+import re
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -43,18 +46,43 @@ _PER_LAYER: Dict[str, Tuple[str, ...]] = {
 }
 
 
-def hf_names(canonical: str) -> Tuple[str, ...]:
-    """The HF tensors that make up one canonical tensor (q, k, v / gate, up when fused)."""
+# MoE block per HF architecture: (block module, expert gate, up, down).
+# Router: {block}.gate.weight; expert e: {block}.experts.{e}.{gate|up|down}.weight.
+MOE_HF_NAMES = {
+    "MixtralForCausalLM": ("block_sparse_moe", "w1", "w3", "w2"),
+    "Qwen3MoeForCausalLM": ("mlp", "gate_proj", "up_proj", "down_proj"),
+}
+_EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight")
+
+
+def _moe_hf_suffixes(rest: str, arch: Optional[ModelArchitecture]) -> Optional[Tuple[str, ...]]:
+    expert = _EXPERT.fullmatch(rest)
+    if rest != "mlp.router.weight" and not expert:
+        return None
+    if arch is None or arch.hf_architecture not in MOE_HF_NAMES:
+        raise KeyError(f"megatron MoE parameter {rest} has no HF name for {arch and arch.hf_architecture}")
+    block, gate, up, down = MOE_HF_NAMES[arch.hf_architecture]
+    if not expert:
+        return (f"{block}.gate.weight",)
+    index, linear = expert.groups()
+    projections = (gate, up) if linear == "linear_fc1" else (down,)
+    return tuple(f"{block}.experts.{index}.{name}.weight" for name in projections)
+
+
+def hf_names(canonical: str, arch: Optional[ModelArchitecture] = None) -> Tuple[str, ...]:
+    """The HF tensors that make up one canonical tensor (q, k, v / gate, up when
+    fused); MoE tensors need ``arch`` (their names differ per family)."""
     if canonical in _GLOBAL:
         return (_GLOBAL[canonical],)
     _, _, index, rest = canonical.split(".", 3)
-    if rest not in _PER_LAYER:
+    suffixes = _PER_LAYER.get(rest) or _moe_hf_suffixes(rest, arch)
+    if suffixes is None:
         raise KeyError(f"No HF tensor maps to megatron parameter {canonical}")
-    return tuple(f"model.layers.{index}.{suffix}" for suffix in _PER_LAYER[rest])
+    return tuple(f"model.layers.{index}.{suffix}" for suffix in suffixes)
 
 
-def expected_hf_names(canonical_names: Iterable[str]) -> List[str]:
-    return [hf for name in canonical_names for hf in hf_names(name)]
+def expected_hf_names(canonical_names: Iterable[str], arch: Optional[ModelArchitecture] = None) -> List[str]:
+    return [hf for name in canonical_names for hf in hf_names(name, arch)]
 
 
 def _group_rows(tensor: torch.Tensor, groups: int) -> torch.Tensor:
@@ -79,18 +107,18 @@ def split(canonical: str, full: torch.Tensor, arch: ModelArchitecture) -> List[t
         q_rows = arch.num_attention_heads // arch.num_query_groups * arch.head_dim
         parts = _group_rows(full, arch.num_query_groups).split([q_rows, arch.head_dim, arch.head_dim], dim=1)
         return [t.clone(memory_format=torch.contiguous_format).reshape(-1, *full.shape[1:]) for t in parts]
-    if ".linear_fc1." in canonical:
+    if canonical.endswith("linear_fc1.weight"):
         return [t.clone() for t in full.chunk(2)]
     return [full]
 
 
 def canonical_from_hf(hf_tensor: Callable[[str], torch.Tensor], arch: ModelArchitecture) -> Callable[[str], torch.Tensor]:
     """A function canonical name -> full tensor, reading HF tensors by name."""
-    return lambda name: fuse(name, [hf_tensor(hf) for hf in hf_names(name)], arch)
+    return lambda name: fuse(name, [hf_tensor(hf) for hf in hf_names(name, arch)], arch)
 
 
 def hf_from_canonical(name: str, full: torch.Tensor, arch: ModelArchitecture) -> List[Tuple[str, torch.Tensor]]:
-    return list(zip(hf_names(name), split(name, full, arch)))
+    return list(zip(hf_names(name, arch), split(name, full, arch)))
 
 
 # -- configs ------------------------------------------------------------------

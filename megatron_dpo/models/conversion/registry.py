@@ -8,9 +8,9 @@ model_type), ``architecture_from_hf_config(hf_config, source)`` and
 from types import ModuleType
 
 from megatron_dpo.models.architecture import ModelArchitecture
-from megatron_dpo.models.conversion import ConversionError, llama, mistral, qwen2, qwen3
+from megatron_dpo.models.conversion import ConversionError, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe
 
-FAMILIES = {module.HF_ARCHITECTURE: module for module in (llama, mistral, qwen2, qwen3)}
+FAMILIES = {module.HF_ARCHITECTURE: module for module in (llama, mistral, qwen2, qwen3, mixtral, qwen3_moe)}
 
 
 def family(hf_architecture: str, source: str) -> ModuleType:

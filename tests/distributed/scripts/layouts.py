@@ -38,6 +38,11 @@ KEYS = {
     "ref": "reference.mode",
     "cache": "reference.cache_dir",
     "lora": "policy.lora_cfg.enabled",
+    "model": "policy.model_name",
+    "sp": "policy.megatron_cfg.sequence_parallel",
+    "ep": "policy.megatron_cfg.expert_model_parallel_size",
+    "aux": "policy.megatron_cfg.moe_aux_loss_coeff",
+    "zloss": "policy.megatron_cfg.moe_z_loss_coeff",
 }
 # lora=true: adapters on every linear (rank 4), all parts of the fused layers.
 LORA = ["policy.lora_cfg.dim=4", "policy.lora_cfg.alpha=8",
