@@ -63,12 +63,12 @@ class KernelPlan:
     def use_te(self) -> bool:
         return self.layer_spec == "transformer_engine"
 
-    def describe(self) -> str:
+    def describe(self, moe: bool = False) -> str:
+        """``moe``: the model has experts (their kernel is named only then)."""
         on = [name for name, value in self.fusions.items() if value]
-        experts = "grouped GEMM" if self.moe_grouped_gemm else "sequential"
+        experts = f"; MoE experts: {'grouped GEMM' if self.moe_grouped_gemm else 'sequential'}" if moe else ""
         return (f"layer spec {self.layer_spec}; attention {self.attention} "
-                f"(prefix-shared: {self.prefix_attention}); fusions on: {', '.join(on) or 'none'}; "
-                f"MoE experts: {experts}")
+                f"(prefix-shared: {self.prefix_attention}); fusions on: {', '.join(on) or 'none'}{experts}")
 
 
 def detect_env() -> KernelEnv:

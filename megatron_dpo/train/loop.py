@@ -251,7 +251,7 @@ class Trainer:
             f"megatron_dpo: {run.dims.describe()}; {len(train.pairs)} train pairs, {run.total_steps} steps "
             f"of {self.cfg.policy.train_global_batch_size} pairs"
         )
-        self._write(f"kernels: {kernel_plan(self.cfg).describe()}")
+        self._write(f"kernels: {kernel_plan(self.cfg).describe(moe=run.arch.is_moe)}")
         for name, data in {"train": train, **run.val_data}.items():
             if data.num_dropped or data.num_truncated:
                 self._write(

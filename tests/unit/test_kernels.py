@@ -122,3 +122,9 @@ def test_moe_experts_are_grouped_gemm_with_te_and_cuda_else_sequential():
         assert resolve_kernels({"moe_grouped_gemm": "auto"}, env).moe_grouped_gemm == (te and cuda)
     with pytest.raises(ValueError, match="moe_grouped_gemm=true needs Transformer Engine and CUDA"):
         resolve_moe_grouped_gemm("true", KernelEnv(te=False, cuda=True, wgrad_kernel=False))
+
+
+def test_the_banner_names_the_expert_kernel_only_for_moe_models():
+    plan = resolve_kernels({}, KernelEnv(te=False, cuda=False, wgrad_kernel=False))
+    assert "MoE" not in plan.describe()
+    assert plan.describe(moe=True).endswith("; MoE experts: sequential")
