@@ -196,6 +196,8 @@ def _stage_rows(arch: ModelArchitecture, cfg: Config, layout: ParallelDims, stag
     shards = layout.dp_size if distributed else 1
     optimizer_what = ("fp32 master + " if precision == "bfloat16" else "") + "Adam m, v"
     optimizer_what += f", sharded over DP {shards}" if distributed else ", not sharded"
+    if distributed and arch.is_moe:
+        optimizer_what += f"; experts over expert-DP {layout.world_size // (layout.etp_size * layout.ep_size * layout.pp_size)}"
     is_last = stage == layout.pp_size - 1
     lora_cfg = cfg.policy.lora_cfg
     if lora_cfg.enabled:  # the base is frozen: grads and Adam state for the adapters only
