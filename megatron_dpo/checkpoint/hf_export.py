@@ -67,7 +67,7 @@ def read_architecture(checkpoint_dir: str) -> ModelArchitecture:
         return ModelArchitecture.from_dict(json.load(handle))
 
 
-def _slots(policy_dir: str, arch: ModelArchitecture) -> Dict[str, _Slot]:
+def tensor_slots(policy_dir: str, arch: ModelArchitecture) -> Dict[str, _Slot]:
     from megatron.core import dist_checkpointing
 
     slots = {}
@@ -113,7 +113,7 @@ def _check_slots(slots: Dict[str, _Slot], arch: ModelArchitecture, policy_dir: s
         )
 
 
-def _load(policy_dir: str, slots: Dict[str, _Slot], names: List[str]) -> Dict[str, torch.Tensor]:
+def load_tensors(policy_dir: str, slots: Dict[str, _Slot], names: List[str]) -> Dict[str, torch.Tensor]:
     """Collective: every rank loads its own list of full canonical tensors."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
@@ -130,7 +130,7 @@ def _load(policy_dir: str, slots: Dict[str, _Slot], names: List[str]) -> Dict[st
     return {name: loaded[name].reshape(slots[name].shape) for name in names}
 
 
-def _plan(names: List[str], nbytes: Dict[str, int], max_shard_bytes: int) -> List[List[str]]:
+def plan_shards(names: List[str], nbytes: Dict[str, int], max_shard_bytes: int) -> List[List[str]]:
     """Consecutive canonical tensors grouped into files of at most max_shard_bytes (one tensor may exceed it)."""
     shards, size = [[]], 0
     for name in names:
@@ -141,7 +141,7 @@ def _plan(names: List[str], nbytes: Dict[str, int], max_shard_bytes: int) -> Lis
     return shards
 
 
-def _hf_tensors(names: List[str], tensors: Dict[str, torch.Tensor], arch: ModelArchitecture) -> Dict[str, torch.Tensor]:
+def hf_tensors(names: List[str], tensors: Dict[str, torch.Tensor], arch: ModelArchitecture) -> Dict[str, torch.Tensor]:
     hf = {}
     for name in names:
         full = tensors.pop(name)  # freed as soon as it is split
@@ -156,7 +156,7 @@ def _is_ours_or_empty(directory: str) -> bool:
         os.path.isfile(os.path.join(directory, EXPORT_MARKER)) or not os.listdir(directory))
 
 
-def _work_dir(out_dir: str, purpose: str) -> str:
+def work_dir(out_dir: str, purpose: str) -> str:
     """``.<name>.megatron_dpo_<purpose>`` beside ``out_dir`` (purpose: partial, old)."""
     parent, name = os.path.split(os.path.abspath(out_dir))
     return os.path.join(parent, f".{name}.megatron_dpo_{purpose}")
@@ -180,7 +180,7 @@ def check_export_dir(out_dir: str, source_dirs: Sequence[str] = ()) -> None:
             f"Export directory '{out_dir}' is not empty and has no {EXPORT_MARKER} marker (megatron_dpo did not "
             "export to it): refusing to replace it. Pick a new or empty directory."
         )
-    for work in (_work_dir(out_dir, "partial"), _work_dir(out_dir, "old")):
+    for work in (work_dir(out_dir, "partial"), work_dir(out_dir, "old")):
         if os.path.lexists(work) and not _is_ours_or_empty(work):
             raise ConversionError(
                 f"'{work}' (the exporter's work directory for '{out_dir}') holds files megatron_dpo did not write: "
@@ -188,14 +188,14 @@ def check_export_dir(out_dir: str, source_dirs: Sequence[str] = ()) -> None:
             )
 
 
-def _remove_ours(directory: str) -> None:
+def remove_ours(directory: str) -> None:
     """Delete a work directory left by an earlier export (check_export_dir made sure it is ours)."""
     if os.path.lexists(directory):
         assert _is_ours_or_empty(directory), directory
         shutil.rmtree(directory)
 
 
-def _write_metadata(tmp: str, checkpoint_dir: str, arch: ModelArchitecture, dtype: torch.dtype) -> None:
+def write_metadata(tmp: str, checkpoint_dir: str, arch: ModelArchitecture, dtype: torch.dtype) -> None:
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(checkpoint_dir, TOKENIZER_DIR))
@@ -209,15 +209,15 @@ def _write_metadata(tmp: str, checkpoint_dir: str, arch: ModelArchitecture, dtyp
     GenerationConfig.from_model_config(config).save_pretrained(tmp)
 
 
-def _publish(tmp: str, out_dir: str) -> None:
+def publish(tmp: str, out_dir: str) -> None:
     """Replace ``out_dir`` by ``tmp``; the old directory is deleted only once it is out of the way."""
     check_export_dir(out_dir)  # again: files may have appeared there since the run started
-    old = _work_dir(out_dir, "old")
-    _remove_ours(old)
+    old = work_dir(out_dir, "old")
+    remove_ours(old)
     if os.path.isdir(out_dir):
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
-    _remove_ours(old)
+    remove_ours(old)
 
 
 def megatron_to_hf(checkpoint_dir: str, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
@@ -225,15 +225,15 @@ def megatron_to_hf(checkpoint_dir: str, out_dir: str, max_shard_bytes: int = DEF
     arch = read_architecture(checkpoint_dir)
     check_export_dir(out_dir, (checkpoint_dir,))
     policy_path = policy_dir(checkpoint_dir)
-    slots = _slots(policy_path, arch)
+    slots = tensor_slots(policy_path, arch)
     _check_slots(slots, arch, policy_path)
     names = weights.canonical_names(arch)
     nbytes = {n: slots[n].dtype.itemsize * torch.Size(_hf_shape(n, slots[n].shape, arch)).numel() for n in names}
-    shards = _plan(names, nbytes, max_shard_bytes)
+    shards = plan_shards(names, nbytes, max_shard_bytes)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    tmp = _work_dir(out_dir, "partial")
+    tmp = work_dir(out_dir, "partial")
     if rank == 0:
-        _remove_ours(tmp)
+        remove_ours(tmp)
         os.makedirs(tmp)
         with open(os.path.join(tmp, EXPORT_MARKER), "w") as handle:
             json.dump({"created_by": "megatron_dpo", "checkpoint": os.path.abspath(checkpoint_dir)}, handle)
@@ -241,10 +241,10 @@ def megatron_to_hf(checkpoint_dir: str, out_dir: str, max_shard_bytes: int = DEF
     for first in range(0, len(shards), world_size):
         index = first + rank
         mine = shards[index] if index < len(shards) else []
-        tensors = _load(policy_path, slots, mine)
+        tensors = load_tensors(policy_path, slots, mine)
         if mine:
             file = os.path.join(tmp, hf_io.shard_file_name(index, len(shards)))
-            hf_io.save_shard(file, _hf_tensors(mine, tensors, arch))
+            hf_io.save_shard(file, hf_tensors(mine, tensors, arch))
     dist.barrier()
     if rank == 0:
         weight_map = {
@@ -252,7 +252,7 @@ def megatron_to_hf(checkpoint_dir: str, out_dir: str, max_shard_bytes: int = DEF
             for index, shard in enumerate(shards) for hf in llama.expected_hf_names(shard, arch)
         }
         hf_io.write_index(tmp, weight_map, sum(nbytes.values()))
-        _write_metadata(tmp, checkpoint_dir, arch, slots[names[0]].dtype)
-        _publish(tmp, out_dir)
+        write_metadata(tmp, checkpoint_dir, arch, slots[names[0]].dtype)
+        publish(tmp, out_dir)
     dist.barrier()
     return out_dir

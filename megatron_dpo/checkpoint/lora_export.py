@@ -47,22 +47,22 @@ def read_adapters(checkpoint_dir: str) -> Tuple[Config, ModelArchitecture, Dict[
         raise ConversionError(f"'{checkpoint_dir}' is not a LoRA checkpoint (policy.lora_cfg.enabled=false in "
                               f"its {CONFIG_FILE}): export it with megatron_to_hf.")
     path = policy_dir(checkpoint_dir)
-    slots = {name: slot for name, slot in hf_export._slots(path, arch).items() if ".lora." in name}
+    slots = {name: slot for name, slot in hf_export.tensor_slots(path, arch).items() if ".lora." in name}
     names = sorted(slots, key=lambda n: (int(n.split(".")[2]), n))
-    tensors = hf_export._load(path, slots, names)
+    tensors = hf_export.load_tensors(path, slots, names)
     return cfg, arch, {name: tensors[name].float() for name in names}
 
 
 def _write_dir(out_dir: str, source_dir: str, write: Callable[[str], None]) -> None:
     """Rank 0: ``write(tmp)`` fills a fresh work dir (with our marker), which then replaces ``out_dir``."""
     hf_export.check_export_dir(out_dir, (source_dir,))
-    tmp = hf_export._work_dir(out_dir, "partial")
-    hf_export._remove_ours(tmp)
+    tmp = hf_export.work_dir(out_dir, "partial")
+    hf_export.remove_ours(tmp)
     os.makedirs(tmp)
     with open(os.path.join(tmp, hf_export.EXPORT_MARKER), "w") as handle:
         json.dump({"created_by": "megatron_dpo", "checkpoint": os.path.abspath(source_dir)}, handle)
     write(tmp)
-    hf_export._publish(tmp, out_dir)
+    hf_export.publish(tmp, out_dir)
 
 
 def export_adapter(checkpoint_dir: str, out_dir: str) -> str:
@@ -121,17 +121,17 @@ def export_merged(checkpoint_dir: str, out_dir: str,
             names = weights.canonical_names(arch)
             dtype = base_tensor(names[0]).dtype
             nbytes = {n: dtype.itemsize * torch.Size(weights.full_shape(n, arch)).numel() for n in names}
-            shards = hf_export._plan(names, nbytes, max_shard_bytes)
+            shards = hf_export.plan_shards(names, nbytes, max_shard_bytes)
             for index, shard in enumerate(shards):
                 tensors = {name: merged_tensors(cfg, arch, adapters, base_tensor, name) for name in shard}
                 hf_io.save_shard(os.path.join(tmp, hf_io.shard_file_name(index, len(shards))),
-                                 hf_export._hf_tensors(shard, tensors, arch))
+                                 hf_export.hf_tensors(shard, tensors, arch))
         finally:
             close()
         weight_map = {hf: hf_io.shard_file_name(index, len(shards))
                       for index, shard in enumerate(shards) for hf in llama.expected_hf_names(shard)}
         hf_io.write_index(tmp, weight_map, sum(nbytes.values()))
-        hf_export._write_metadata(tmp, checkpoint_dir, arch, dtype)
+        hf_export.write_metadata(tmp, checkpoint_dir, arch, dtype)
 
     if dist.get_rank() == 0:
         _write_dir(out_dir, checkpoint_dir, write)

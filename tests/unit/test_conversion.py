@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_dpo.checkpoint.hf_export import (
-    EXPORT_MARKER, _check_slots, _plan, _Slot, check_export_dir, read_architecture,
+    EXPORT_MARKER, _check_slots, plan_shards, _Slot, check_export_dir, read_architecture,
 )
 from megatron_dpo.config import ConfigError, load_config
 from megatron_dpo.convert_cli import parse_size
@@ -171,8 +171,8 @@ def test_tensor_set_mismatch_lists_missing_and_unexpected_keys(tmp_path):
 
 def test_export_plan_keeps_tensor_order_and_the_size_limit():
     sizes = {"a": 4, "b": 4, "c": 9, "d": 1}
-    assert _plan(list(sizes), sizes, 8) == [["a", "b"], ["c"], ["d"]]
-    assert _plan(list(sizes), sizes, 100) == [["a", "b", "c", "d"]]
+    assert plan_shards(list(sizes), sizes, 8) == [["a", "b"], ["c"], ["d"]]
+    assert plan_shards(list(sizes), sizes, 100) == [["a", "b", "c", "d"]]
     assert hf_io.shard_file_name(0, 3) == "model-00001-of-00003.safetensors"
     assert hf_io.shard_file_name(0, 1) == "model.safetensors"
 

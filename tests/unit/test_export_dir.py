@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from megatron_dpo.checkpoint.hf_export import EXPORT_MARKER, _publish, _work_dir, check_export_dir, megatron_to_hf
+from megatron_dpo.checkpoint.hf_export import EXPORT_MARKER, publish, work_dir, check_export_dir, megatron_to_hf
 from megatron_dpo.models.conversion import ConversionError
 
 ARCH = {"add_qkv_bias": False, "ffn_hidden_size": 176, "hf_architecture": "LlamaForCausalLM", "hidden_size": 64,
@@ -71,13 +71,13 @@ def test_base_model_directory_is_refused_as_export_target(tmp_path):
 def test_earlier_export_is_replaced_through_a_temporary_directory(tmp_path):
     out = _make(tmp_path / "export", {EXPORT_MARKER: "{}", "model.safetensors": "old", "stale.json": "old"})
     check_export_dir(out)
-    tmp = _make(_work_dir(out, "partial"), {EXPORT_MARKER: "{}", "model.safetensors": "new"})
-    _publish(tmp, out)
+    tmp = _make(work_dir(out, "partial"), {EXPORT_MARKER: "{}", "model.safetensors": "new"})
+    publish(tmp, out)
     assert _files(out) == {EXPORT_MARKER: "{}", "model.safetensors": "new"}
     assert sorted(os.listdir(tmp_path)) == ["export"]  # no work directory left behind
     empty = tmp_path / "empty"
     empty.mkdir()
-    _publish(_make(_work_dir(empty, "partial"), {EXPORT_MARKER: "{}"}), str(empty))
+    publish(_make(work_dir(empty, "partial"), {EXPORT_MARKER: "{}"}), str(empty))
     assert _files(empty) == {EXPORT_MARKER: "{}"}
 
 
@@ -85,12 +85,12 @@ def test_files_that_appear_during_training_or_in_work_directories_are_kept(tmp_p
     out = _make(tmp_path / "export", {})
     check_export_dir(out)  # at startup: empty
     (tmp_path / "export" / "user.txt").write_text("mine")
-    tmp = _make(_work_dir(out, "partial"), {EXPORT_MARKER: "{}", "model.safetensors": "new"})
+    tmp = _make(work_dir(out, "partial"), {EXPORT_MARKER: "{}", "model.safetensors": "new"})
     with pytest.raises(ConversionError, match="is not empty"):
-        _publish(tmp, out)
+        publish(tmp, out)
     assert _files(out) == {"user.txt": "mine"}
     other = _make(tmp_path / "other", {})
-    _make(_work_dir(other, "old"), {"user.txt": "mine"})
+    _make(work_dir(other, "old"), {"user.txt": "mine"})
     with pytest.raises(ConversionError, match=r"\.other\.megatron_dpo_old' \(the exporter's work directory"):
         check_export_dir(other)
-    assert _files(_work_dir(other, "old")) == {"user.txt": "mine"}
+    assert _files(work_dir(other, "old")) == {"user.txt": "mine"}
