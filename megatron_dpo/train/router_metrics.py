@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dpo.parallel.dims import ParallelDims
+from megatron_dpo.parallel.init import get_device
 
 # megatron-core's tracker name of each moe_router_load_balancing_type's loss.
 _BALANCING_LOSS = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
@@ -46,13 +47,14 @@ class RouterMetrics:
 
         self.losses = losses  # tracked_losses(...)
         self.routers = [m for chunk in policy_chunks for m in chunk.modules() if isinstance(m, Router)]
-        self.tokens_per_expert_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        # On the routers' device: counting is no host sync in the forward pass.
+        self.tokens_per_expert_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=get_device())
         self.tp_split = tp_split  # TP size with sequence parallelism (tokens split over TP), else 1
         self._handles = []
 
     def _count(self, router, inputs, output) -> None:
         _, routing_map_TE = output
-        self.tokens_per_expert_LE[router.layer_number - 1] += routing_map_TE.detach().sum(0).double().cpu()
+        self.tokens_per_expert_LE[router.layer_number - 1] += routing_map_TE.detach().sum(0).double()
 
     def __enter__(self) -> "RouterMetrics":
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
@@ -66,8 +68,6 @@ class RouterMetrics:
             handle.remove()
 
     def _sum_over_ranks(self, values: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
-        from megatron_dpo.parallel.init import get_device
-
         values = values.to(get_device())
         if self.tp_split > 1:
             dist.all_reduce(values, group=dims.tp_group)
