@@ -61,11 +61,17 @@ def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, dict]:
     return {f"model{i}": _chunk_state(chunk) for i, chunk in enumerate(chunks)}
 
 
+def is_extra_state(key: str) -> bool:
+    """A module's ``_extra_state`` (TE's FP8 metadata), also as one shard of a
+    sharded key (``...._extra_state/shard_0_4``)."""
+    return key.split("/", 1)[0].endswith(EXTRA_STATE)
+
+
 def _load_into(chunk: torch.nn.Module, state: dict) -> None:
     """Load a chunk's loaded state; an ``_extra_state`` the checkpoint lacks
     (written with the other layer spec) keeps the module's own, empty one."""
     result = _unwrap_ddp(chunk).load_state_dict(state, strict=False)
-    missing = [key for key in result.missing_keys if not key.endswith(EXTRA_STATE)
+    missing = [key for key in result.missing_keys if not is_extra_state(key)
                and (".lora." in key or not has_adapters(chunk))]
     assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
 
@@ -180,7 +186,7 @@ def key_mismatch(missing: Set[str], unexpected: Set[str], loads_optimizer: bool,
     and so are the checkpoint's optimizer state when only weights are loaded
     and its base weights when only LoRA adapters are."""
     def matters(key: str) -> bool:
-        if key.endswith(EXTRA_STATE) or ("/" in key and key.rsplit("/", 1)[0].endswith(EXTRA_STATE)):
+        if is_extra_state(key):
             return False
         if key.startswith("optimizer."):
             return loads_optimizer
