@@ -38,10 +38,10 @@ def reference_logps_of(run, microbatches: List[dict], seq_length: int) -> List[O
         # LoRA: the reference is the policy's base with the initial adapters.
         with reference_adapters(run.policy):
             logps = reference_pass(run.policy, microbatches, seq_length, run.arch.vocab_size)
-        return logps or [None] * len(microbatches)
-    if not run.reference:
+    elif run.reference:
+        logps = reference_pass(run.reference, microbatches, seq_length, run.arch.vocab_size)
+    else:
         return [batch["reference_logps"] for batch in microbatches]
-    logps = reference_pass(run.reference, microbatches, seq_length, run.arch.vocab_size)
     return logps or [None] * len(microbatches)
 
 
