@@ -13,6 +13,7 @@ logits. Rank 0 writes {NAME: {"<source> tp<T>pp<P>vpp<V>": max abs error}}.
 
 import json
 import sys
+from typing import Callable, List
 
 import torch
 import torch.distributed as dist
@@ -23,8 +24,10 @@ from megatron_dpo.checkpoint.source import load_source_weights, resolve_source
 from megatron_dpo.parallel.dims import ParallelDims
 from megatron_dpo.parallel.init import init_distributed, init_parallel, shutdown
 
-LAYOUTS = [(1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2)]
-HF_DIR_LAYOUT = (2, 2, None)
+# ParallelDims.of_sizes arguments of each layout (data parallelism fills the world).
+LAYOUTS = [dict(tp_size=1), dict(tp_size=2), dict(pp_size=2), dict(tp_size=2, pp_size=2),
+           dict(pp_size=2, vpp_size=2)]
+HF_DIR_LAYOUT = dict(tp_size=2, pp_size=2)
 NUM_SEQUENCES, SEQ_LENGTH = 2, 24
 
 
@@ -71,7 +74,10 @@ def max_error(path: str, expected_BSV: torch.Tensor, tokens_BS: torch.Tensor, ct
     return error.item()
 
 
-def main() -> None:
+def compare(layouts: List[dict], hf_dir_layout: dict, label: Callable[[dict], str]) -> None:
+    """The script's work for ``layouts`` (each model's converted checkpoint
+    under each, its HF directory under ``hf_dir_layout``); ``label`` names a
+    layout in the results."""
     out_path, specs = sys.argv[1], [arg.split("=", 1) for arg in sys.argv[2:]]
     tokens_BS = torch.randint(0, 700, (NUM_SEQUENCES, SEQ_LENGTH), generator=torch.Generator().manual_seed(0))
     # Before init_distributed: the CPU compat layer's torch.tensor wrapper
@@ -80,18 +86,23 @@ def main() -> None:
     expected = {name: hf_logits(dirs.split(",")[0], tokens_BS) for name, dirs in specs}
     init_distributed()
     results = {name: {} for name, _ in specs}
-    for tp, pp, vpp in LAYOUTS:
-        ctx = init_parallel(ParallelDims.of_sizes(dist.get_world_size(), tp, pp, vpp), seed=0)
+    for layout in layouts:
+        ctx = init_parallel(ParallelDims.of_sizes(dist.get_world_size(), **layout), seed=0)
         for name, dirs in specs:
             hf_dir, megatron_dir = dirs.split(",")
             for source_name, path in (("megatron", megatron_dir), ("hf", hf_dir)):
-                if source_name == "megatron" or (tp, pp, vpp) == HF_DIR_LAYOUT:
-                    layout = f"{source_name} tp{tp}pp{pp}vpp{vpp or 1}"
-                    results[name][layout] = max_error(path, expected[name], tokens_BS, ctx)
+                if source_name == "megatron" or layout == hf_dir_layout:
+                    results[name][f"{source_name} {label(layout)}"] = max_error(path, expected[name], tokens_BS, ctx)
     if dist.get_rank() == 0:
         with open(out_path, "w") as handle:
             json.dump(results, handle, indent=1)
     shutdown()
+
+
+def main() -> None:
+    compare(LAYOUTS, HF_DIR_LAYOUT,
+            lambda layout: "tp{}pp{}vpp{}".format(layout.get("tp_size", 1), layout.get("pp_size", 1),
+                                                  layout.get("vpp_size", 1)))
 
 
 if __name__ == "__main__":
